@@ -1,0 +1,233 @@
+"""The daemon's TOML configuration, validated by pydantic models with ``extra="forbid"``.
+
+Relative paths are taken relative to the config file's folder. A secret is never written in
+the config: fields ending in ``_file`` name a file, and a bare file name is looked up in
+``$CREDENTIALS_DIRECTORY`` (systemd's ``LoadCredential=``) first. Errors name the field path
+and the fix; the CLI exits with code 2 on them.
+
+Example ``edgert.toml``::
+
+    [model]
+    bundle = "models/demo/shapes"
+
+    [source]
+    kind = "video"
+    uri = "models/demo/shapes.avi"
+
+    [[sinks]]
+    kind = "jsonl"
+    path = "-"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_runtime.bundle.manifest import format_validation_error
+from edge_runtime.errors import ConfigError
+from edge_runtime.sources.specs import SourceSpec, WindowSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "DelegateConfig",
+    "JsonlSinkConfig",
+    "LogConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "SinkConfig",
+    "SnapshotSinkConfig",
+    "SqliteSinkConfig",
+    "StateConfig",
+    "TrustConfig",
+    "load_config",
+    "parse_config",
+    "read_secret",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DelegateConfig(_Section):
+    """An external LiteRT delegate, e.g. ``{ library = "libedgetpu.so.1" }``."""
+
+    library: str
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelConfig(_Section):
+    """Which bundle to run and how."""
+
+    bundle: Path
+    format: Literal["auto", "onnx", "tflite"] = "auto"
+    threads: int = Field(default=2, ge=1, le=256)
+    providers: list[str] = Field(default_factory=lambda: ["auto"])
+    delegates: list[DelegateConfig] = Field(default_factory=list)
+    selftest: bool = True
+
+
+class PipelineConfig(_Section):
+    """Queueing and pacing between capture and inference."""
+
+    max_fps: float | None = Field(default=None, gt=0)
+    queue_size: int = Field(default=4, ge=1, le=1024, description="file sources only")
+    max_frames: int | None = Field(default=None, ge=1)
+    snapshot_frames: bool = False
+
+
+class JsonlSinkConfig(_Section):
+    """One JSON result line per processed frame/window; ``path = "-"`` is stdout."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    path: str = "-"
+    flush_every: int = Field(default=1, ge=1, description="flush after this many lines")
+
+
+class SqliteSinkConfig(_Section):
+    """Results in an SQLite event log (WAL), bounded to ``max_rows`` (oldest deleted)."""
+
+    kind: Literal["sqlite"] = "sqlite"
+    path: Path
+    max_rows: int = Field(default=100_000, ge=1)
+    only_events: bool = Field(default=False, description="store detections/anomalies only")
+
+
+class SnapshotSinkConfig(_Section):
+    """JPEG snapshots of frames with detections (boxes drawn), rate limited."""
+
+    kind: Literal["snapshots"] = "snapshots"
+    dir: Path
+    min_score: float = Field(default=0.5, ge=0, le=1)
+    min_interval_s: float = Field(default=5.0, ge=0)
+    max_files: int = Field(default=500, ge=1)
+    quality: int = Field(default=85, ge=10, le=100)
+
+
+SinkConfig = Annotated[
+    JsonlSinkConfig | SqliteSinkConfig | SnapshotSinkConfig, Field(discriminator="kind")
+]
+
+
+def _default_sinks() -> list[SinkConfig]:
+    return [JsonlSinkConfig()]
+
+
+class TrustConfig(_Section):
+    """Public keys whose bundle signatures are accepted."""
+
+    keys: list[Path] = Field(default_factory=list)
+    require_signature: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrustConfig:
+        if self.require_signature and not self.keys:
+            raise ValueError(
+                "require_signature is true but no keys are listed; add keys = ['path/to/key.pub'] "
+                "or set require_signature = false (development only)"
+            )
+        return self
+
+
+class StateConfig(_Section):
+    """Where the daemon keeps its state (bundles unpacked, databases)."""
+
+    dir: Path = Path("state")
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_interval_s: float = Field(default=30.0, ge=0, description="0 = no periodic stats")
+
+
+class Config(_Section):
+    """The whole daemon configuration."""
+
+    model: ModelConfig
+    source: SourceSpec
+    window: WindowSpec | None = None
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sinks: list[SinkConfig] = Field(default_factory=_default_sinks)
+    trust: TrustConfig = Field(default_factory=lambda: TrustConfig(require_signature=False))
+    state: StateConfig = Field(default_factory=StateConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else base / value
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    model = config.model.model_copy(update={"bundle": _resolve(base, config.model.bundle)})
+    source = config.source
+    if source.kind in ("video", "images", "replay") and source.uri and "://" not in source.uri:
+        source = source.model_copy(update={"uri": str(_resolve(base, Path(source.uri)))})
+    sinks: list[Any] = []
+    for sink in config.sinks:
+        if isinstance(sink, JsonlSinkConfig) and sink.path != "-":
+            sinks.append(sink.model_copy(update={"path": str(_resolve(base, Path(sink.path)))}))
+        elif isinstance(sink, SqliteSinkConfig):
+            sinks.append(sink.model_copy(update={"path": _resolve(base, sink.path)}))
+        elif isinstance(sink, SnapshotSinkConfig):
+            sinks.append(sink.model_copy(update={"dir": _resolve(base, sink.dir)}))
+        else:
+            sinks.append(sink)
+    trust = config.trust.model_copy(update={"keys": [_resolve(base, k) for k in config.trust.keys]})
+    state = StateConfig(dir=_resolve(base, config.state.dir))
+    return config.model_copy(
+        update={"model": model, "source": source, "sinks": sinks, "trust": trust, "state": state}
+    )
+
+
+def parse_config(data: dict[str, Any], base: Path | None = None, origin: str = "config") -> Config:
+    """Validate a config mapping; raise :class:`ConfigError` naming each bad field."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {format_validation_error(exc)}") from exc
+    config = _resolve_paths(config, base or Path.cwd())
+    for key in config.trust.keys:
+        if not key.is_file():
+            raise ConfigError(f"{origin}: trust.keys: public key {key} does not exist")
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(data, path.resolve().parent, str(path))
+
+
+def read_secret(value: Path) -> str:
+    """Read a secret from a file; bare names are looked up in $CREDENTIALS_DIRECTORY first."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    candidates = [value]
+    if creds and not value.is_absolute() and len(value.parts) == 1:
+        candidates.insert(0, Path(creds) / value)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8").strip()
+    raise ConfigError(
+        f"secret file {value} not found (looked in {[str(c) for c in candidates]}); create it or "
+        "pass it with systemd LoadCredential="
+    )
