@@ -41,7 +41,32 @@ _EXPORTS = {
     "EdgeRuntimeError": "edge_runtime.errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "__version__",
+    "BackendOptions",
+    "Bundle",
+    "Config",
+    "Daemon",
+    "EdgeRuntimeError",
+    "Frame",
+    "LoadedModel",
+    "Pipeline",
+    "PipelineOptions",
+    "TensorSpec",
+    "TrustStore",
+    "create_bundle",
+    "generate_keypair",
+    "load_backend",
+    "load_config",
+    "load_model",
+    "make_decoder",
+    "make_preprocessor",
+    "make_source",
+    "open_bundle",
+    "parse_source_uri",
+    "run_selftest",
+    "sign_bundle",
+]
 
 if TYPE_CHECKING:
     from edge_runtime.backends import BackendOptions, load_backend

@@ -130,13 +130,22 @@ def _preprocess_from_args(args: argparse.Namespace) -> Any:
     if args.preprocess_json:
         data = json.loads(args.preprocess_json)
     elif args.window:
-        data = {"kind": "tensor", "window": args.window, "channels": args.channels or 1,
-                "layout": args.sensor_layout}
+        data = {
+            "kind": "tensor",
+            "window": args.window,
+            "channels": args.channels or 1,
+            "layout": args.sensor_layout,
+        }
         if args.hop:
             data["hop"] = args.hop
     else:
-        data = {"kind": "image", "resize": args.resize, "color": args.color, "layout": args.layout,
-                "scale": args.scale}
+        data = {
+            "kind": "image",
+            "resize": args.resize,
+            "color": args.color,
+            "layout": args.layout,
+            "scale": args.scale,
+        }
     if args.mean:
         data["mean"] = [float(v) for v in args.mean.split(",")]
     if args.std:
@@ -208,8 +217,12 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
     labels: list[str] = []
     if args.labels:
         labels = [x.strip() for x in args.labels.read_text(encoding="utf-8").splitlines() if x.strip()]
-    task = args.task or {"classification": "classification", "yolo": "detection", "ssd": "detection",
-                         "raw": "regression"}[args.decoder]
+    task = (
+        args.task
+        or {"classification": "classification", "yolo": "detection", "ssd": "detection", "raw": "regression"}[
+            args.decoder
+        ]
+    )
     frames = _golden_frames(args.golden, preprocess, args.golden_count)
     out = create_bundle(
         args.out,
@@ -256,8 +269,10 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     trust = TrustStore.from_files(args.key)
     with tempfile.TemporaryDirectory(prefix="edgert-verify-") as tmp:
         bundle = open_bundle(args.bundle, trust=trust, require_signature=True, unpack_dir=Path(tmp))
-        print(f"OK: {bundle.name} {bundle.version} signed by key {bundle.signed_by}; "
-              f"{len(bundle.manifest.files)} files match their sha256")
+        print(
+            f"OK: {bundle.name} {bundle.version} signed by key {bundle.signed_by}; "
+            f"{len(bundle.manifest.files)} files match their sha256"
+        )
         if args.selftest:
             from edge_runtime.model import load_model
             from edge_runtime.selftest import run_selftest
@@ -268,8 +283,10 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
                     report = run_selftest(model)
                 finally:
                     model.close()
-                print(f"self-test {entry.format}: passed {report.matched}/{report.frames} frames, "
-                      f"p50 {report.latency_ms_p50:.2f} ms (budget {report.latency_budget_ms} ms)")
+                print(
+                    f"self-test {entry.format}: passed {report.matched}/{report.frames} frames, "
+                    f"p50 {report.latency_ms_p50:.2f} ms (budget {report.latency_budget_ms} ms)"
+                )
     return 0
 
 
@@ -300,8 +317,10 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
             more = "..." if len(labels) > 10 else ""
             print(f"  labels ({len(labels)}): {', '.join(labels[:10])}{more}")
         if man.selftest:
-            print(f"  self-test: atol={man.selftest.atol} rtol={man.selftest.rtol} "
-                  f"budget={man.selftest.latency_budget_ms} ms")
+            print(
+                f"  self-test: atol={man.selftest.atol} rtol={man.selftest.rtol} "
+                f"budget={man.selftest.latency_budget_ms} ms"
+            )
         for name, entry in man.files.items():
             print(f"  file {name:<16} {entry.size:>10} B  sha256 {entry.sha256[:16]}...")
     return 0
@@ -326,15 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="TOML config (see docs/configuration.md)")
     run.add_argument("--bundle", type=Path, help="bundle directory or .edgebundle file")
     run.add_argument("--source", help="video file, camera index, /dev/video*, URL, serial:..., ...")
-    run.add_argument("--sink", action="append", help="jsonl[:PATH] (default stdout), sqlite:PATH, "
-                     "snapshots:DIR; repeatable")
+    run.add_argument(
+        "--sink",
+        action="append",
+        help="jsonl[:PATH] (default stdout), sqlite:PATH, snapshots:DIR; repeatable",
+    )
     run.add_argument("--max-frames", type=int, help="stop after N results")
     run.add_argument("--max-fps", type=float)
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--format", default="auto", choices=["auto", "onnx", "tflite"])
     run.add_argument("--loop", action="store_true", help="loop a video/replay file")
-    run.add_argument("--trust-key", type=Path, action="append", default=[],
-                     help="public key whose signature is required (repeatable)")
+    run.add_argument(
+        "--trust-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="public key whose signature is required (repeatable)",
+    )
     run.add_argument("--no-selftest", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -354,8 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--task", choices=["classification", "detection", "regression", "anomaly"])
     create.add_argument("--description", default="")
     create.add_argument("--labels", type=Path)
-    create.add_argument("--decoder", default="classification", choices=["classification", "yolo", "ssd", "raw"])
-    create.add_argument("--decoder-opt", action="append", default=[], help="KEY=VALUE, e.g. conf_threshold=0.3")
+    create.add_argument(
+        "--decoder", default="classification", choices=["classification", "yolo", "ssd", "raw"]
+    )
+    create.add_argument(
+        "--decoder-opt", action="append", default=[], help="KEY=VALUE, e.g. conf_threshold=0.3"
+    )
     create.add_argument("--resize", default="stretch", choices=["stretch", "letterbox", "crop"])
     create.add_argument("--color", default="rgb", choices=["rgb", "bgr", "gray"])
     create.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"])

@@ -114,9 +114,7 @@ class SnapshotSinkConfig(_Section):
     quality: int = Field(default=85, ge=10, le=100)
 
 
-SinkConfig = Annotated[
-    JsonlSinkConfig | SqliteSinkConfig | SnapshotSinkConfig, Field(discriminator="kind")
-]
+SinkConfig = Annotated[JsonlSinkConfig | SqliteSinkConfig | SnapshotSinkConfig, Field(discriminator="kind")]
 
 
 def _default_sinks() -> list[SinkConfig]:

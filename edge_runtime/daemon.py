@@ -103,9 +103,7 @@ class Daemon:
     def _source(self, config: Config) -> Source:
         inner = make_source(config.source)
         if config.source.live:
-            return ReconnectingSource(  # type: ignore[return-value]
-                inner, config.source, self._on_source_state, stop=self.stop_event
-            )
+            return ReconnectingSource(inner, config.source, self._on_source_state, stop=self.stop_event)
         return inner
 
     @staticmethod
@@ -178,7 +176,10 @@ class Daemon:
                 m.close()
         self.config = new
         if (new.source, new.sinks, new.window, new.pipeline) != (
-            old.source, old.sinks, old.window, old.pipeline
+            old.source,
+            old.sinks,
+            old.window,
+            old.pipeline,
         ):
             log.info("reload: restarting source and sinks")
             current = pipeline.model
@@ -220,8 +221,14 @@ class Daemon:
                 if now >= next_stats:
                     next_stats = now + stats_every
                     s = pipeline.summary()
-                    log.info("stats: frames=%d dropped=%d fps=%.1f errors=%s source=%s",
-                             s["frames"], s["dropped"], s["fps"], s["errors"], self._source_state)
+                    log.info(
+                        "stats: frames=%d dropped=%d fps=%.1f errors=%s source=%s",
+                        s["frames"],
+                        s["dropped"],
+                        s["fps"],
+                        s["errors"],
+                        self._source_state,
+                    )
         finally:
             self.notifier.stopping()
             pipeline.stop()

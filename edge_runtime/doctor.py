@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes.util
-import glob
 import importlib.metadata
 import os
 import platform
@@ -40,9 +39,11 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
             model = value.strip()
     wanted = _ARM_FLAGS if platform.machine().lower() in ("aarch64", "arm64", "armv7l") else _X86_FLAGS
     found = {f: f in flags for f in wanted}
-    int8 = "fast (VNNI / dot-product)" if found.get("avx512_vnni") or found.get("avx_vnni") or found.get(
-        "asimddp"
-    ) else "no int8 dot-product instructions: int8 may not beat fp32"
+    int8 = (
+        "fast (VNNI / dot-product)"
+        if found.get("avx512_vnni") or found.get("avx_vnni") or found.get("asimddp")
+        else "no int8 dot-product instructions: int8 may not beat fp32"
+    )
     return {
         "machine": platform.machine(),
         "model": model,
@@ -71,8 +72,11 @@ def _backends() -> dict[str, Any]:
     litert = _version("ai-edge-litert")
     tflite = _version("tflite-runtime")
     if litert or tflite:
-        out["litert"] = {"module": "ai_edge_litert" if litert else "tflite_runtime",
-                         "version": litert or tflite, "xnnpack": True}
+        out["litert"] = {
+            "module": "ai_edge_litert" if litert else "tflite_runtime",
+            "version": litert or tflite,
+            "xnnpack": True,
+        }
     else:
         out["litert"] = {"missing": "pip install ai-edge-litert (or tflite-runtime)"}
     return out
@@ -93,7 +97,7 @@ def _delegates() -> dict[str, str | None]:
 
 def _cameras(probe: bool) -> list[dict[str, Any]]:
     cams: list[dict[str, Any]] = []
-    for dev in sorted(glob.glob("/dev/video*")):
+    for dev in sorted(str(p) for p in Path("/dev").glob("video*")):
         entry: dict[str, Any] = {"device": dev, "readable": os.access(dev, os.R_OK | os.W_OK)}
         name = Path("/sys/class/video4linux", Path(dev).name, "name")
         if name.exists():
@@ -105,7 +109,10 @@ def _cameras(probe: bool) -> list[dict[str, Any]]:
             try:
                 entry["opens"] = bool(cap.isOpened())
                 if entry["opens"]:
-                    entry["size"] = [int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))]
+                    entry["size"] = [
+                        int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                        int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                    ]
             finally:
                 cap.release()
         cams.append(entry)
@@ -128,7 +135,9 @@ def doctor_report(probe_cameras: bool = True) -> dict[str, Any]:
     providers = backends.get("onnxruntime", {}).get("providers", [])
     jetson = _jetson()
     if jetson and "cuda" not in providers:
-        gpu_hint = "Jetson found but onnxruntime has no CUDA/TensorRT provider: install JetPack's onnxruntime-gpu"
+        gpu_hint = (
+            "Jetson found but onnxruntime has no CUDA/TensorRT provider: install JetPack's onnxruntime-gpu"
+        )
     return {
         "edgert": __version__,
         "python": platform.python_version(),

@@ -292,10 +292,9 @@ class Pipeline:
                 continue
             if interval:
                 now = time.monotonic()
-                if now < next_slot:
-                    if self.stop_event.wait(next_slot - now):
-                        item.pool.release(item.buffer)
-                        break
+                if now < next_slot and self.stop_event.wait(next_slot - now):
+                    item.pool.release(item.buffer)
+                    break
                 next_slot = max(next_slot + interval, time.monotonic())
             self._run_one(item)
             if opts.max_frames and stats.frames >= opts.max_frames:

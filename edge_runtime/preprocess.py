@@ -123,9 +123,7 @@ class ImagePreprocessor:
         self._dtype = np.dtype(tensor.dtype)
         self._interp = _INTERP[spec.interpolation]
         alpha, beta = _affine(spec.scale, spec.mean, spec.std, self.channels, tensor)
-        self._identity = bool(
-            self._dtype == np.uint8 and np.allclose(alpha, 1.0) and np.allclose(beta, 0.0)
-        )
+        self._identity = bool(self._dtype == np.uint8 and np.allclose(alpha, 1.0) and np.allclose(beta, 0.0))
         self._alpha = alpha
         self._beta = beta
         self._int_range = _INT_RANGES.get(tensor.dtype)

@@ -48,8 +48,7 @@ def run_selftest(model: LoadedModel, *, raise_on_fail: bool = True) -> SelfTestR
     """Run the bundle's self-test on ``model``; raise :class:`SelfTestError` when it fails."""
     spec = model.bundle.manifest.selftest
     if spec is None:
-        report = SelfTestReport(True, 0, 0, 0.0, 0.0, 0.0, ["bundle has no self-test"])
-        return report
+        return SelfTestReport(True, 0, 0, 0.0, 0.0, 0.0, ["bundle has no self-test"])
     data = model.bundle.selftest_data()
     frames = data.get("frames")
     if frames is None or len(frames) == 0:
@@ -93,9 +92,7 @@ def run_selftest(model: LoadedModel, *, raise_on_fail: bool = True) -> SelfTestR
             f"atol={spec.atol} rtol={spec.rtol} (max abs error {max_err:.4g})"
         )
     if p50 > spec.latency_budget_ms:
-        reasons.append(
-            f"median latency {p50:.1f} ms exceeds the budget of {spec.latency_budget_ms:.1f} ms"
-        )
+        reasons.append(f"median latency {p50:.1f} ms exceeds the budget of {spec.latency_budget_ms:.1f} ms")
     report = SelfTestReport(not reasons, len(frames), matched, max_err, p50, spec.latency_budget_ms, reasons)
     if reasons and raise_on_fail:
         raise SelfTestError(

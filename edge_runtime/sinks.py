@@ -52,7 +52,7 @@ class JsonlSink:
         try:
             if self._own:
                 Path(cfg.path).parent.mkdir(parents=True, exist_ok=True)
-                self._fh: IO[str] = Path(cfg.path).open("a", encoding="utf-8")
+                self._fh: IO[str] = Path(cfg.path).open("a", encoding="utf-8")  # noqa: SIM115
             else:
                 self._fh = sys.stdout
         except OSError as exc:
@@ -124,7 +124,8 @@ class SqliteSink:
                 self._inserted = 0
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._db.execute("ROLLBACK") if self._db.in_transaction else None
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise SinkError(f"SQLite sink write failed: {exc}") from exc
         finally:
             self._rows.clear()
@@ -162,8 +163,15 @@ class SnapshotSink:
         for det in dets:
             x1, y1, x2, y2 = (int(v) for v in det["box"])
             cv2.rectangle(image, (x1, y1), (x2, y2), (0, 255, 0), 2)
-            cv2.putText(image, f"{det['label']} {det['score']:.2f}", (x1, max(12, y1 - 4)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 255, 0), 1)
+            cv2.putText(
+                image,
+                f"{det['label']} {det['score']:.2f}",
+                (x1, max(12, y1 - 4)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.5,
+                (0, 255, 0),
+                1,
+            )
         path = self._cfg.dir / f"{int(time.time() * 1000)}-{result.frame_index}.jpg"
         if not cv2.imwrite(str(path), image, self._params):
             raise SinkError(f"cannot write snapshot {path}")

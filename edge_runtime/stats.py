@@ -64,9 +64,7 @@ class PipelineStats:
     def summary(self, **extra: Any) -> dict[str, Any]:
         with self.lock:
             elapsed = time.monotonic() - self.started
-            busy = (
-                (time.monotonic() - self.first_result_at) if self.first_result_at is not None else 0.0
-            )
+            busy = (time.monotonic() - self.first_result_at) if self.first_result_at is not None else 0.0
             out: dict[str, Any] = {
                 "frames": self.frames,
                 "frames_in": self.frames_in,

@@ -93,9 +93,7 @@ def ref_letterbox(sw: int, sh: int, mw: int, mh: int) -> tuple[float, float, flo
 def letterbox_transform(sw: int, sh: int, mw: int, mh: int) -> ImageTransform:
     """An ImageTransform as letterbox preprocessing builds it (sx = sy = scale, d = pad)."""
     scale, px, py = ref_letterbox(sw, sh, mw, mh)
-    return ImageTransform(
-        sx=scale, sy=scale, dx=px, dy=py, src_w=sw, src_h=sh, model_w=mw, model_h=mh
-    )
+    return ImageTransform(sx=scale, sy=scale, dx=px, dy=py, src_w=sw, src_h=sh, model_w=mw, model_h=mh)
 
 
 def ref_unletterbox(box: Box, sw: int, sh: int, mw: int, mh: int) -> Box:
@@ -326,9 +324,7 @@ def make_v8(rng: np.random.Generator, n: int, c: int, mw: int, mh: int) -> F32:
     ("src", "model"),
     [((640, 480), (320, 320)), ((480, 640), (320, 320)), ((1280, 720), (416, 416))],
 )
-def test_yolo_v8_matches_reference_letterbox(
-    seed: int, src: tuple[int, int], model: tuple[int, int]
-) -> None:
+def test_yolo_v8_matches_reference_letterbox(seed: int, src: tuple[int, int], model: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed)
     (sw, sh), (mw, mh) = src, model
     rows = make_v8(rng, 120, 4, mw, mh)
@@ -393,9 +389,7 @@ def test_yolo_v5_with_objectness(seed: int) -> None:
         labels,
     )
     # objectness really matters: the v8 reading of the same numbers differs
-    no_obj = ref_yolo(
-        [r[:4] + r[5:] for r in rows_of(rows)], v5=False, conf=0.2, iou=0.4, max_det=100
-    )
+    no_obj = ref_yolo([r[:4] + r[5:] for r in rows_of(rows)], v5=False, conf=0.2, iou=0.4, max_det=100)
     assert [d[1] for d in no_obj] != [d[1] for d in exp]
 
 
@@ -428,9 +422,7 @@ def test_yolo_single_box_by_hand() -> None:
     payload = YoloDecoder(YoloSpec(), ["a", "b"]).decode([rows.T[None]], tr)
     assert payload == {
         "task": "detection",
-        "detections": [
-            {"class_id": 1, "label": "b", "score": 0.8, "box": [220.0, 190.0, 420.0, 290.0]}
-        ],
+        "detections": [{"class_id": 1, "label": "b", "score": 0.8, "box": [220.0, 190.0, 420.0, 290.0]}],
     }
 
 
@@ -511,9 +503,7 @@ def make_ssd(
     ("box_order", "normalized", "label_offset"),
     [("yxyx", True, 0), ("xyxy", True, 1), ("xyxy", False, -1), ("yxyx", False, 2)],
 )
-def test_ssd_matches_reference(
-    seed: int, box_order: str, normalized: bool, label_offset: int
-) -> None:
+def test_ssd_matches_reference(seed: int, box_order: str, normalized: bool, label_offset: int) -> None:
     rng = np.random.default_rng(seed)
     # odd seeds use a non-square model input (letterbox pads both ways differently)
     mw, mh, sw, sh = (320, 320, 640, 480) if seed % 2 == 0 else (320, 256, 480, 640)

@@ -142,8 +142,7 @@ class OnnxRuntimeBackend:
             got = [list(getattr(v, "shape", ())) for v in inputs]
             want = [list(s.shape) for s in self.inputs]
             raise InferenceError(
-                f"ONNX Runtime run failed: {str(exc).strip()[:300]} (inputs {got}, model expects "
-                f"{want})"
+                f"ONNX Runtime run failed: {str(exc).strip()[:300]} (inputs {got}, model expects {want})"
             ) from exc
         return [dq(r) for dq, r in zip(self._dequant, raw, strict=True)]
 

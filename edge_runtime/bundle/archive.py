@@ -91,9 +91,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
     if member.issym() or member.islnk():
         raise UnsafeArchiveError(f"archive member {name!r} is a link; bundles hold regular files only")
     if not member.isreg():
-        raise UnsafeArchiveError(
-            f"archive member {name!r} is not a regular file (device, fifo or directory)"
-        )
+        raise UnsafeArchiveError(f"archive member {name!r} is not a regular file (device, fifo or directory)")
 
 
 def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:

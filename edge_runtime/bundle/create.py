@@ -89,9 +89,7 @@ def _stats(values: npt.NDArray[Any]) -> dict[str, float]:
     }
 
 
-def _reference(
-    inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any
-) -> dict[str, Any]:
+def _reference(inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any) -> dict[str, Any]:
     """Input/output statistics on the golden frames, for drift checks on the device."""
     ref: dict[str, Any] = {"frames": len(inputs), "input": _stats(inputs)}
     ref["outputs"] = [_stats(o) for o in outputs]
@@ -140,9 +138,24 @@ def create_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".create-", dir=out.parent))
     try:
-        _fill(staging, models, name, version, task, preprocess, decoder, labels, golden_frames,
-              description, precision or {}, atol, rtol, latency_budget_ms, extra_files or {},
-              threads)
+        _fill(
+            staging,
+            models,
+            name,
+            version,
+            task,
+            preprocess,
+            decoder,
+            labels,
+            golden_frames,
+            description,
+            precision or {},
+            atol,
+            rtol,
+            latency_budget_ms,
+            extra_files or {},
+            threads,
+        )
         if sign_key is not None:
             sign_bundle(staging, sign_key)
         if out.exists():
@@ -205,13 +218,15 @@ def _fill(
             for i, o in enumerate(stacked):
                 arrays[f"{fmt}.out{i}"] = o
             quantized = any(s.quantized for s in backend.inputs + backend.outputs)
-            entries.append({
-                "path": dest.name,
-                "format": fmt,
-                "precision": precision.get(fmt, "int8" if quantized else "fp32"),
-                "inputs": [TensorInfo.from_spec(s) for s in backend.inputs],
-                "outputs": [TensorInfo.from_spec(s) for s in backend.outputs],
-            })
+            entries.append(
+                {
+                    "path": dest.name,
+                    "format": fmt,
+                    "precision": precision.get(fmt, "int8" if quantized else "fp32"),
+                    "inputs": [TensorInfo.from_spec(s) for s in backend.inputs],
+                    "outputs": [TensorInfo.from_spec(s) for s in backend.outputs],
+                }
+            )
             if not reference:
                 reference = _reference(np.stack(inputs), stacked, decoder)
         finally:
@@ -246,8 +261,6 @@ def _fill(
         selftest=SelfTestSpec(atol=atol, rtol=rtol, latency_budget_ms=round(budget, 1)),
         reference="reference.json",
         report=report_name,
-        files={
-            n: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for n, p in sorted(files.items())
-        },
+        files={n: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for n, p in sorted(files.items())},
     )
     write_manifest(root, manifest)

@@ -125,8 +125,7 @@ def _verify_dir(root: Path, trust: TrustStore | None, require_signature: bool) -
             )
         if sha256_file(path) != entry.sha256:
             raise IntegrityError(
-                f"bundle file {name} does not match its sha256 in the manifest: it was altered "
-                "or corrupted"
+                f"bundle file {name} does not match its sha256 in the manifest: it was altered or corrupted"
             )
     return Bundle(root=root, manifest=manifest, signed_by=signed_by)
 

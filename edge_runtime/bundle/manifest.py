@@ -39,9 +39,7 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 MAX_MANIFEST_BYTES = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
-)
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
 class _Model(BaseModel):
@@ -89,9 +87,7 @@ class SelfTestSpec(_Model):
     path: str = "selftest.npz"
     atol: float = Field(default=1e-3, ge=0)
     rtol: float = Field(default=1e-3, ge=0)
-    min_match: float = Field(
-        default=1.0, ge=0, le=1, description="share of golden frames that must match"
-    )
+    min_match: float = Field(default=1.0, ge=0, le=1, description="share of golden frames that must match")
     latency_budget_ms: float = Field(default=1000.0, gt=0)
 
 

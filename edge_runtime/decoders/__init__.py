@@ -59,9 +59,7 @@ class Decoder(Protocol):
     sensor models). The result holds only plain Python str/int/float/bool/list/dict values.
     """
 
-    def decode(
-        self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None
-    ) -> dict[str, Any]:
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None) -> dict[str, Any]:
         """Decode one frame's outputs."""
         ...
 
@@ -80,8 +78,7 @@ def make_decoder(spec: DecoderSpec, labels: Sequence[str]) -> Decoder:
     cls = DECODERS.get(spec.kind)
     if cls is None:  # only reachable with a spec type this module does not know
         raise DecoderError(
-            f"unknown decoder kind {spec.kind!r}; manifest.decoder.kind must be one of "
-            f"{sorted(DECODERS)}"
+            f"unknown decoder kind {spec.kind!r}; manifest.decoder.kind must be one of {sorted(DECODERS)}"
         )
     decoder: Decoder = cls(spec, labels)
     return decoder

@@ -51,9 +51,7 @@ class ClassificationDecoder:
         self._min_score = spec.min_score
         self._softmax = spec.softmax
 
-    def decode(
-        self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None
-    ) -> dict[str, Any]:
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None) -> dict[str, Any]:
         """Return ``{"task": "classification", "top": [{"index", "label", "score"}, ...]}``."""
         del transform  # classification has no geometry
         if len(outputs) < 1:
@@ -69,9 +67,7 @@ class ClassificationDecoder:
                 "manifest.decoder.kind to the right decoder for this model"
             )
         x = raw.reshape(-1).astype(np.float64)
-        if self._softmax == "always" or (
-            self._softmax == "auto" and not looks_like_probabilities(x)
-        ):
+        if self._softmax == "always" or (self._softmax == "auto" and not looks_like_probabilities(x)):
             x = softmax(x)
 
         k = min(self._top_k, x.size)

@@ -180,8 +180,7 @@ def squeeze_batch(array: npt.NDArray[Any], ndim: int, what: str, fix: str) -> np
     if a.ndim == ndim:
         return a
     raise DecoderError(
-        f"{what}: got an output of shape {tuple(a.shape)}, expected {ndim + 1} dims with "
-        f"batch size 1; {fix}"
+        f"{what}: got an output of shape {tuple(a.shape)}, expected {ndim + 1} dims with batch size 1; {fix}"
     )
 
 

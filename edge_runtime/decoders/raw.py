@@ -34,15 +34,12 @@ class RawDecoder:
         self._max_values = spec.max_values
         self._threshold = spec.anomaly_threshold
 
-    def decode(
-        self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None
-    ) -> dict[str, Any]:
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None) -> dict[str, Any]:
         """Return ``{"task": "raw", "values": [...], "score": float}`` (+ ``"anomaly"``)."""
         del transform
         if len(outputs) < 1:
             raise DecoderError(
-                "raw decoder: the model gave no outputs, expected at least 1; check "
-                "manifest.decoder.kind"
+                "raw decoder: the model gave no outputs, expected at least 1; check manifest.decoder.kind"
             )
         flat = np.asarray(outputs[0]).reshape(-1)
         if flat.size == 0:

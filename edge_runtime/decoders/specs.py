@@ -86,6 +86,4 @@ class RawSpec(_Spec):
     max_values: int = Field(default=64, ge=0, le=100000)
 
 
-DecoderSpec = Annotated[
-    ClassificationSpec | YoloSpec | SSDSpec | RawSpec, Field(discriminator="kind")
-]
+DecoderSpec = Annotated[ClassificationSpec | YoloSpec | SSDSpec | RawSpec, Field(discriminator="kind")]

@@ -61,9 +61,7 @@ class SSDDecoder:
             f"expected {what}; fix manifest.decoder.{field} to point at the right output",
         )
 
-    def decode(
-        self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None
-    ) -> dict[str, Any]:
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None) -> dict[str, Any]:
         """Return ``{"task": "detection", "detections": [...]}`` for one frame."""
         if len(outputs) < self._needed:
             shapes = [tuple(np.shape(o)) for o in outputs]
@@ -106,10 +104,7 @@ class SSDDecoder:
         bx = bx[sel]
         if self._order is not None:
             bx = bx[:, self._order]
-        class_ids = (
-            np.rint(np.clip(cl[sel], -_ID_LIMIT, _ID_LIMIT)).astype(np.int64)
-            + self.spec.label_offset
-        )
+        class_ids = np.rint(np.clip(cl[sel], -_ID_LIMIT, _ID_LIMIT)).astype(np.int64) + self.spec.label_offset
         keep = select_detections(
             bx,
             sc,

@@ -58,8 +58,7 @@ class YoloDecoder:
             )
         else:
             expected = (
-                f"(1, {self._want}, N) or (1, N, {self._want}), i.e. 4 + C with "
-                f"C = len(labels) = {n}"
+                f"(1, {self._want}, N) or (1, N, {self._want}), i.e. 4 + C with C = len(labels) = {n}"
                 if self._want
                 else "(1, 4 + C, N) or (1, N, 4 + C) with C >= 1"
             )
@@ -88,9 +87,7 @@ class YoloDecoder:
             raise self._layout_error((1, rows, cols))
         return pred if rows <= cols else pred.T
 
-    def decode(
-        self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None
-    ) -> dict[str, Any]:
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], transform: ImageTransform | None) -> dict[str, Any]:
         """Return ``{"task": "detection", "detections": [...]}`` for one frame."""
         if len(outputs) < 1:
             raise DecoderError(

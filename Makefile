@@ -1,0 +1,45 @@
+# edge-runtime developer entry points. Everything installs itself into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS := requirements/constraints.txt
+OUT ?= out
+
+.PHONY: setup demo test lint typecheck bench models clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## make demo: run the daemon offline on the shipped demo bundles (camera video + vibration sensor file)
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/python scripts/demo.py --out $(OUT)
+
+## make test: set up and run every test
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+typecheck: lint
+
+bench: setup
+	$(BIN)/python bench/pipeline.py
+
+## make models: retrain the demo models and rebuild the demo bundles (needs the convert extra)
+models: setup
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -r requirements/convert.txt
+	$(BIN)/python models/shapes/recipe.py
+	$(BIN)/python models/vibration/recipe.py
+	$(BIN)/python models/build_bundles.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache
