@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 def load_verified_model(config: Config, unpack_dir: Path) -> LoadedModel:
     """Open and verify the configured bundle, load its model and run its self-test."""
     trust = TrustStore.from_files(config.trust.keys) if config.trust.keys else None
+    if not config.trust.require_signature:
+        log.warning("bundle signatures are not required ([trust] require_signature = false)")
     bundle: Bundle = open_bundle(
         config.model.bundle,
         trust=trust,

@@ -323,3 +323,39 @@ def test_video_that_does_not_loop_ends_cleanly(make_cnn_bundle: Callable[..., Pa
     proc = edgert("run", "--bundle", str(make_cnn_bundle()), "--source", str(clip))
     assert proc.returncode == 0
     assert summary_of(proc.stderr)["frames"] == 5
+
+
+def test_camera_that_vanishes_is_reconnected_and_the_daemon_stays_up(
+    make_cnn_bundle: Callable[..., Path], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from test_sources import MjpegServer
+
+    server = MjpegServer(value=40)
+    out = tmp_path / "r.jsonl"
+    cfg = tmp_path / "edgert.toml"
+    cfg.write_text(
+        f"[model]\nbundle = '{make_cnn_bundle()}'\n"
+        f"[source]\nkind = 'stream'\nuri = '{server.url}'\nreconnect_min_s = 0.05\n"
+        "reconnect_max_s = 0.3\nopen_timeout_s = 2\n"
+        f"[[sinks]]\nkind = 'jsonl'\npath = '{out}'\n[trust]\nkeys = ['{keys[1]}']\n"
+        f"[state]\ndir = '{tmp_path / 'state'}'\n"
+    )
+    proc = spawn("run", "--config", str(cfg))
+    revived = None
+    try:
+        before = len(wait_for_lines(out, 5))
+        server.stop()
+        time.sleep(1.5)
+        assert proc.poll() is None  # still running while the camera is gone
+        offline_count = len(wait_for_lines(out, 1))
+        revived = MjpegServer(value=200, port=server.port)
+        wait_for_lines(out, offline_count + 5, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        if revived is not None:
+            revived.stop()
+    assert before >= 5
+    assert "source offline" in stderr and proc.returncode == 0
+    assert summary_of(stderr)["source_reconnects"] >= 1

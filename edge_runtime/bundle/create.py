@@ -258,7 +258,7 @@ def _fill(
         preprocess=preprocess,
         decoder=decoder,
         labels=labels_name,
-        selftest=SelfTestSpec(atol=atol, rtol=rtol, latency_budget_ms=round(budget, 1)),
+        selftest=SelfTestSpec(atol=atol, rtol=rtol, latency_budget_ms=latency_budget_ms or round(budget, 1)),
         reference="reference.json",
         report=report_name,
         files={n: FileEntry(sha256=sha256_file(p), size=p.stat().st_size) for n, p in sorted(files.items())},
