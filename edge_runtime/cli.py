@@ -76,8 +76,6 @@ def _adhoc_config(args: argparse.Namespace) -> Any:
         pipeline["max_fps"] = args.max_fps
     if pipeline:
         data["pipeline"] = pipeline
-    if not args.trust_key:
-        log.warning("no --trust-key given: bundle signature NOT checked (file hashes still are)")
     return parse_config(data, Path.cwd(), "command line")
 
 

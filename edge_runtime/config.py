@@ -83,6 +83,8 @@ class PipelineConfig(_Section):
     max_fps: float | None = Field(default=None, gt=0)
     queue_size: int = Field(default=4, ge=1, le=1024, description="file sources only")
     max_frames: int | None = Field(default=None, ge=1)
+    batch: int = Field(default=1, ge=1, le=1024, description="frames/windows per inference")
+    batch_timeout_ms: float = Field(default=20.0, ge=0, description="wait this long to fill a batch")
     snapshot_frames: bool = False
 
 

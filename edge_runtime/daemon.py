@@ -124,6 +124,8 @@ class Daemon:
             queue_size=config.pipeline.queue_size,
             max_frames=config.pipeline.max_frames,
             keep_frames=snapshots or config.pipeline.snapshot_frames,
+            batch=config.pipeline.batch,
+            batch_timeout_s=config.pipeline.batch_timeout_ms / 1000.0,
         )
         return Pipeline(
             model,

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from edge_runtime.errors import (
+    ConfigError,
     DecoderError,
     EdgeRuntimeError,
     InferenceError,
@@ -151,6 +153,8 @@ class PipelineOptions:
     queue_size: int = 4
     max_frames: int | None = None
     keep_frames: bool = False
+    batch: int = 1
+    batch_timeout_s: float = 0.02
 
 
 ResultHook = Callable[[Result, LoadedModel], None]
@@ -178,11 +182,14 @@ class Pipeline:
         self.stats = stats or PipelineStats()
         self.hooks = list(hooks or [])
         self.stop_event = stop_event or threading.Event()
-        capacity = 1 if source.live else self.options.queue_size
+        batch = self.options.batch
+        self.check_batch(model, batch)
+        capacity = batch if source.live else max(self.options.queue_size, 2 * batch)
         self._queue = FrameQueue(capacity, source.live, self._dropped)
         self._model = model
         self._pool = BufferPool(model, capacity + 2)
         self._tag = f"{model.name}@{model.version}"
+        self._batch_buf: tuple[LoadedModel, npt.NDArray[Any]] | None = None
         self._pending_swap: tuple[LoadedModel, threading.Event, list[LoadedModel]] | None = None
         self._swap_lock = threading.Lock()
         self._results: queue.Queue[Result | None] = queue.Queue(maxsize=1024)
@@ -252,6 +259,7 @@ class Pipeline:
         Returns an event set once swapped and a list that then holds the previous model (the
         caller closes it).
         """
+        self.check_batch(new, self.options.batch)
         done = threading.Event()
         old: list[LoadedModel] = []
         with self._swap_lock:
@@ -296,45 +304,65 @@ class Pipeline:
                     item.pool.release(item.buffer)
                     break
                 next_slot = max(next_slot + interval, time.monotonic())
-            self._run_one(item)
+            if opts.batch > 1:
+                self._run_batch(self._collect(item))
+            else:
+                self._run_one(item)
             if opts.max_frames and stats.frames >= opts.max_frames:
                 self.stop_event.set()
                 break
         for left in self._queue.drain():
             left.pool.release(left.buffer)
 
+    def _current(self, item: _Item, model: LoadedModel) -> _Item | None:
+        """The item itself, or the frame preprocessed again for a model swapped in since."""
+        if item.pool.model is model:
+            return item
+        item.pool.release(item.buffer)
+        return self._prepare(item.frame)
+
     def _run_one(self, item: _Item) -> None:
         model = self._model
-        stats = self.stats
-        if item.pool.model is not model:
-            item.pool.release(item.buffer)
-            fresh = self._prepare(item.frame)
-            if fresh is None:
-                return
-            item = fresh
+        current = self._current(item, model)
+        if current is None:
+            return
+        item = current
         t_start = time.perf_counter()
         queue_ms = (time.monotonic() - item.t_enqueued) * 1000.0
         try:
             outputs = model.backend.run([item.buffer])
-            t_inf = time.perf_counter()
-            payload = model.decoder.decode(outputs, item.transform)
-        except (InferenceError, DecoderError) as exc:
-            kind = "inference" if isinstance(exc, InferenceError) else "decode"
-            stats.error(kind)
-            self._rlog.warning(kind, "frame %d failed: %s", item.frame.index, exc)
+        except InferenceError as exc:
+            self.stats.error("inference")
+            self._rlog.warning("inference", "frame %d failed: %s", item.frame.index, exc)
             return
         finally:
             item.pool.release(item.buffer)
-        t_end = time.perf_counter()
+        self._decode(model, item, outputs, queue_ms, (time.perf_counter() - t_start) * 1000.0)
+
+    def _decode(
+        self,
+        model: LoadedModel,
+        item: _Item,
+        outputs: list[npt.NDArray[np.float32]],
+        queue_ms: float,
+        inference_ms: float,
+    ) -> None:
+        t0 = time.perf_counter()
         frame = item.frame
+        try:
+            payload = model.decoder.decode(outputs, item.transform)
+        except DecoderError as exc:
+            self.stats.error("decode")
+            self._rlog.warning("decode", "frame %d failed: %s", frame.index, exc)
+            return
         timings = {
             "queue": queue_ms,
             "preprocess": item.pre_ms,
-            "inference": (t_inf - t_start) * 1000.0,
-            "decode": (t_end - t_inf) * 1000.0,
+            "inference": inference_ms,
+            "decode": (time.perf_counter() - t0) * 1000.0,
             "total": (time.monotonic() - frame.t_capture) * 1000.0,
         }
-        stats.record(timings)
+        self.stats.record(timings)
         payload["model"] = self._tag
         if frame.source_ts is not None:
             payload["t"] = round(frame.source_ts, 3)
@@ -348,6 +376,61 @@ class Pipeline:
         for hook in self.hooks:
             hook(result, model)
         self._results.put(result)
+
+    # -- batching (sensor windows, or any model with a batch dimension) ---------------------
+    def _collect(self, first: _Item) -> list[_Item]:
+        """Up to ``batch`` items: those queued now, waiting at most ``batch_timeout_s`` for more."""
+        items = [first]
+        deadline = time.monotonic() + self.options.batch_timeout_s
+        while len(items) < self.options.batch:
+            nxt = self._queue.get(max(0.0, deadline - time.monotonic()))
+            if nxt is None:
+                break
+            items.append(nxt)
+        return items
+
+    def _batch_input(self, model: LoadedModel, n: int) -> npt.NDArray[Any]:
+        spec = model.backend.inputs[0]
+        if self._batch_buf is None or self._batch_buf[0] is not model:
+            rows = spec.shape[0] or self.options.batch
+            one = model.preprocessor.new_buffer()
+            self._batch_buf = (model, np.zeros((rows, *one.shape[1:]), one.dtype))
+        buf = self._batch_buf[1]
+        return buf if spec.shape[0] else buf[:n]
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        model = self._model
+        ready = [c for c in (self._current(i, model) for i in items) if c is not None]
+        if not ready:
+            return
+        t_start = time.perf_counter()
+        now = time.monotonic()
+        batch = self._batch_input(model, len(ready))
+        for row, item in enumerate(ready):
+            batch[row] = item.buffer[0]
+            item.pool.release(item.buffer)
+        try:
+            outputs = model.backend.run([batch])
+        except InferenceError as exc:
+            for _ in ready:
+                self.stats.error("inference")
+            self._rlog.warning("inference", "batch of %d failed: %s", len(ready), exc)
+            return
+        inference_ms = (time.perf_counter() - t_start) * 1000.0
+        for row, item in enumerate(ready):
+            queue_ms = (now - item.t_enqueued) * 1000.0
+            self._decode(model, item, [o[row : row + 1] for o in outputs], queue_ms, inference_ms)
+
+    @staticmethod
+    def check_batch(model: LoadedModel, batch: int) -> None:
+        """Raise :class:`ConfigError` if ``model`` cannot take batches of ``batch``."""
+        first = model.backend.inputs[0].shape[0]
+        if batch > 1 and first is not None and first != batch:
+            raise ConfigError(
+                f"pipeline.batch = {batch} but model input {model.backend.inputs[0].name!r} has a "
+                f"fixed batch dimension of {first}; set pipeline.batch = {first} (or 1), or export "
+                "the model with a dynamic batch dimension"
+            )
 
     # -- sinks ---------------------------------------------------------------------------
     def _sink(self) -> None:

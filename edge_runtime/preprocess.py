@@ -118,8 +118,7 @@ class ImagePreprocessor:
             )
         self.spec = spec
         self.tensor = tensor
-        self.batch = int(shape[0]) if shape[0] else 1
-        self._shape = (self.batch, *dims)
+        self._shape = (1, *dims)
         self._dtype = np.dtype(tensor.dtype)
         self._interp = _INTERP[spec.interpolation]
         alpha, beta = _affine(spec.scale, spec.mean, spec.std, self.channels, tensor)
@@ -170,6 +169,8 @@ class ImagePreprocessor:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
             got = getattr(image, "dtype", type(image).__name__)
             raise PreprocessError(f"image frames must be uint8 arrays, got {got}")
+        if image.size == 0:
+            raise PreprocessError("image frame is empty (0 pixels)")
         if image.ndim == 2:
             return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         if image.ndim == 3 and image.shape[2] == 3:

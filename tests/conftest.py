@@ -94,6 +94,47 @@ def build_yolo_onnx(path: Path, size: int = 64, classes: int = 3, anchors: int =
     return path
 
 
+def build_sensor_onnx(path: Path, window: int = 32, channels: int = 3, batch: int | str = 1) -> Path:
+    """A real sensor model: the mean energy of a (1, window, channels) window -> (1, 1) score."""
+    nodes = [
+        helper.make_node("Mul", ["input", "input"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["score"], axes=[1, 2], keepdims=0),
+        helper.make_node("Unsqueeze", ["score", "axis"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "energy",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, window, channels])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 1])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axis")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sensor_bundle(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Path:
+    from edge_runtime.decoders.specs import RawSpec
+    from edge_runtime.preprocess_spec import TensorPreprocess
+
+    base = tmp_path_factory.mktemp("sensor")
+    rng = np.random.default_rng(7)
+    return create_bundle(
+        base / "bundle",
+        models=[build_sensor_onnx(base / "energy.onnx")],
+        name="energy",
+        version="1.0.0",
+        task="anomaly",
+        preprocess=TensorPreprocess(window=32, hop=16, channels=3),
+        decoder=RawSpec(anomaly_threshold=4.0),
+        golden_frames=rng.standard_normal((4, 32, 3)).astype(np.float32),
+        sign_key=keys[0],
+    )
+
+
 def write_video(path: Path, frames: int = 20, size: tuple[int, int] = (96, 64), fps: float = 15.0) -> Path:
     """A real MJPG video written by OpenCV; frame i has a moving square and brightness i."""
     w, h = size

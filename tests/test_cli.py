@@ -359,3 +359,49 @@ def test_camera_that_vanishes_is_reconnected_and_the_daemon_stays_up(
     assert before >= 5
     assert "source offline" in stderr and proc.returncode == 0
     assert summary_of(stderr)["source_reconnects"] >= 1
+
+
+def test_serial_sensor_with_garbage_lines(
+    sensor_bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A real pty as the serial port: garbage lines are counted and skipped, windows flow."""
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    out = tmp_path / "r.jsonl"
+    proc = spawn(
+        "run",
+        "--bundle",
+        str(sensor_bundle),
+        "--source",
+        f"serial:{port}?baud=115200",
+        "--sink",
+        f"jsonl:{out}",
+        "--trust-key",
+        str(keys[1]),
+        "--max-frames",
+        "6",
+    )
+    try:
+        time.sleep(1.0)  # let the daemon open the port
+        rng = np.random.default_rng(0)
+        lines = []
+        for i in range(200):
+            amp = 1.0 if i < 100 else 3.0  # louder second half: energy 1 -> 9, threshold 4
+            lines.append(",".join(f"{v:.4f}" for v in rng.standard_normal(3) * amp))
+            if i % 17 == 5:
+                lines.append("garbage \x00\xff not numbers")
+            if i % 29 == 3:
+                lines.append("1.0,2.0")  # wrong column count
+        os.write(master, ("\n".join(lines) + "\n").encode("utf-8", "replace"))
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 0, stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["task"] == "raw" for r in rows)
+    summary = summary_of(stderr)
+    assert summary["bad_lines"] >= 5
+    # Window 0 covers samples 0..31 (after the first, possibly partial, line is dropped): quiet.
+    assert rows[0]["anomaly"] is False and 0.3 < rows[0]["score"] < 2.5

@@ -170,3 +170,65 @@ def test_sqlite_sink_bounded_and_events_only(
     assert rows[-1][0] == 29
     body = json.loads(rows[-1][2])
     assert body["task"] == "detection" and rows[-1][1] == int(bool(body["detections"]))
+
+
+def test_sensor_windows_are_batched_with_the_same_results(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """A dynamic-batch sensor model: batch=8 gives exactly the per-window results of batch=1."""
+    from conftest import build_sensor_onnx
+
+    from edge_runtime.bundle import create_bundle
+    from edge_runtime.decoders.specs import RawSpec
+    from edge_runtime.preprocess_spec import TensorPreprocess
+    from edge_runtime.sources import ReplaySource, Windower, WindowSpec
+
+    rng = np.random.default_rng(2)
+    samples = rng.standard_normal((1000, 3)) * np.linspace(0.5, 3, 1000)[:, None]
+    csv = tmp_path / "s.csv"
+    csv.write_text("ax,ay,az\n" + "\n".join(",".join(f"{v:.5f}" for v in row) for row in samples) + "\n")
+    bundle = create_bundle(
+        tmp_path / "b",
+        models=[build_sensor_onnx(tmp_path / "m.onnx", batch="N")],
+        name="energy",
+        version="1.0.0",
+        task="anomaly",
+        preprocess=TensorPreprocess(window=32, hop=16, channels=3),
+        decoder=RawSpec(anomaly_threshold=2.0),
+        golden_frames=rng.standard_normal((2, 32, 3)).astype(np.float32),
+    )
+    results = {}
+    for batch in (1, 8):
+        out = tmp_path / f"r{batch}.jsonl"
+        source = ReplaySource(SourceSpec(kind="replay", uri=str(csv)))
+        pipe = Pipeline(
+            _model(bundle),
+            source,
+            [JsonlSink(JsonlSinkConfig(path=str(out)))],
+            PipelineOptions(batch=batch),
+            windower=Windower(WindowSpec(size=32, hop=16)),
+        )
+        summary = pipe.run()
+        assert summary["errors"] == {}
+        results[batch] = _lines(out)
+    assert len(results[1]) == (1000 - 32) // 16 + 1
+    assert [r["frame"] for r in results[8]] == [r["frame"] for r in results[1]]
+    for a, b in zip(results[1], results[8], strict=True):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5)
+        assert a["anomaly"] == b["anomaly"]
+    # Reference: the energy of each window computed directly.
+    windows = np.lib.stride_tricks.sliding_window_view(samples.astype(np.float32), (32, 3))[::16, 0]
+    expected = (windows.astype(np.float64) ** 2).mean(axis=(1, 2))
+    assert [r["score"] for r in results[8]] == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+def test_batch_larger_than_a_fixed_model_batch_is_a_config_error(
+    make_cnn_bundle: Callable[..., Path], video: Path
+) -> None:
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fixed batch dimension of 1"):
+        Pipeline(
+            _model(make_cnn_bundle()),
+            VideoFileSource(SourceSpec(kind="video", uri=str(video))),
+            [],
+            PipelineOptions(batch=4),
+        )

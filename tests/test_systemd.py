@@ -36,8 +36,12 @@ def test_unit_has_notify_watchdog_and_hardening() -> None:
 
 
 def _verifiable_copy(tmp_path: Path) -> Path:
-    text = re.sub(r"^ExecStart=\S+", f"ExecStart={Path(sys.executable).resolve()} -m edge_runtime",
-                  UNIT.read_text(), flags=re.M)
+    text = re.sub(
+        r"^ExecStart=\S+",
+        f"ExecStart={Path(sys.executable).resolve()} -m edge_runtime",
+        UNIT.read_text(),
+        flags=re.M,
+    )
     copy = tmp_path / "edgert.service"
     copy.write_text(text)
     return copy
@@ -53,8 +57,9 @@ def test_systemd_accepts_the_unit_and_rates_it_hardened(tmp_path: Path) -> None:
     verify = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
     assert verify.returncode == 0, verify.stderr
     assert verify.stderr.strip() == ""
-    sec = subprocess.run([analyze, "security", "--offline=yes", str(copy)], capture_output=True,
-                         text=True, check=False)
+    sec = subprocess.run(
+        [analyze, "security", "--offline=yes", str(copy)], capture_output=True, text=True, check=False
+    )
     match = re.search(r"Overall exposure level for edgert.service: ([0-9.]+)", sec.stdout + sec.stderr)
     assert match, sec.stdout + sec.stderr
     assert float(match.group(1)) <= 3.0

@@ -94,6 +94,7 @@ class LiteRTBackend:
         self.inputs = [_spec(d) for d in in_details]
         self.outputs = [_spec(d) for d in out_details]
         self._in_idx = [int(d["index"]) for d in in_details]
+        self._in_shapes = [tuple(int(x) for x in d["shape"]) for d in in_details]
         self._out_idx = [int(d["index"]) for d in out_details]
         self._dequant = [Dequantizer(s) for s in self.outputs]
         self.delegates = [d.library for d in opts.delegates]
@@ -106,6 +107,8 @@ class LiteRTBackend:
     def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[np.float32]]:
         interp = self._interp
         try:
+            if any(v.shape != s for v, s in zip(inputs, self._in_shapes, strict=True)):
+                self._resize([v.shape for v in inputs])
             for idx, value in zip(self._in_idx, inputs, strict=True):
                 interp.set_tensor(idx, value)
             interp.invoke()
@@ -116,6 +119,13 @@ class LiteRTBackend:
             raise InferenceError(
                 f"LiteRT invoke failed: {str(exc).strip()[:300]} (inputs {got}, model expects {want})"
             ) from exc
+
+    def _resize(self, shapes: list[tuple[int, ...]]) -> None:
+        """Resize inputs along their dynamic dimensions (e.g. a batch), then re-allocate."""
+        for i, (idx, shape) in enumerate(zip(self._in_idx, shapes, strict=True)):
+            self._interp.resize_tensor_input(idx, list(shape), strict=True)
+            self._in_shapes[i] = tuple(shape)
+        self._interp.allocate_tensors()
 
     def close(self) -> None:
         self._interp = None
