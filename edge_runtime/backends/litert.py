@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,8 @@ class LiteRTBackend:
         delegates = []
         for spec in opts.delegates:
             try:
+                # Load the library first: LiteRT leaves a half-built Delegate behind otherwise.
+                ctypes.CDLL(spec.library)
                 delegates.append(mod.load_delegate(spec.library, dict(spec.options)))
             except (ValueError, OSError, RuntimeError) as exc:
                 raise ProviderUnavailableError(

@@ -134,6 +134,10 @@ class OnnxRuntimeBackend:
 
     def run(self, inputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[np.float32]]:
         feed = self._feed
+        if len(inputs) != len(self._input_names):
+            raise InferenceError(
+                f"ONNX Runtime run got {len(inputs)} inputs; the model takes {len(self._input_names)}"
+            )
         for name, value in zip(self._input_names, inputs, strict=True):
             feed[name] = value
         try:

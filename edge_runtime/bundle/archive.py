@@ -182,7 +182,7 @@ def _unpack_members(
                 "bundle is not signed; sign it with 'edgert bundle sign' or set "
                 "trust.require_signature = false (development only)"
             )
-    elif trust is not None:
+    elif trust is not None and trust.keys:
         verify_signature(raw, sig_doc, trust)
     elif require_signature:
         raise SignatureError("no trusted keys are configured; add [trust] keys to the config")

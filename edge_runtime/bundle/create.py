@@ -133,6 +133,8 @@ def create_bundle(
         raise BundleError("give at least one model file (.onnx or .tflite)")
     if len(golden_frames) == 0:
         raise BundleError("give at least one golden frame for the self-test")
+    if latency_budget_ms is not None and latency_budget_ms <= 0:
+        raise BundleError(f"latency_budget_ms must be positive, got {latency_budget_ms}")
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; remove it or pass overwrite=True (--force)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +160,7 @@ def create_bundle(
         )
         if sign_key is not None:
             sign_bundle(staging, sign_key)
+        staging.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)

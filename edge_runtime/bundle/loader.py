@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -146,10 +147,16 @@ def open_bundle(
         return _verify_dir(path, trust, require_signature)
     if not path.exists():
         raise BundleError(f"bundle {path} does not exist")
+    own_base = unpack_dir is None
     base = unpack_dir or Path(tempfile.mkdtemp(prefix="edgert-bundle-"))
     base.mkdir(parents=True, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix=f"{path.stem}-", dir=base))
     dest.rmdir()
-    unpack_bundle(path, dest, trust=trust, require_signature=require_signature)
+    try:
+        unpack_bundle(path, dest, trust=trust, require_signature=require_signature)
+    except BaseException:
+        if own_base:
+            shutil.rmtree(base, ignore_errors=True)
+        raise
     # Files were hashed while unpacking; re-verify cheaply is redundant but keeps one code path.
     return _verify_dir(dest, trust, require_signature)

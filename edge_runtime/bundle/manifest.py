@@ -117,14 +117,19 @@ class Manifest(_Model):
             raise ValueError(f"{value!r} is not a semantic version like 1.2.3")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
-        for path in self.files:
+    @field_validator("files")
+    @classmethod
+    def _file_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for path in files:
             if not _SAFE_NAME.match(path) or path in (MANIFEST_NAME, SIGNATURE_NAME):
                 raise ValueError(
                     f"file name {path!r} is not allowed: bundle files are flat names of letters, "
                     "digits, '.', '_' and '-', and never manifest.json/manifest.sig"
                 )
+        return files
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
         referenced = [m.path for m in self.models]
         referenced += [p for p in (self.labels, self.reference, self.report) if p]
         if self.selftest:
@@ -174,7 +179,7 @@ def parse_manifest(raw: bytes) -> Manifest:
     if not isinstance(data, dict):
         raise ManifestError("manifest.json must hold a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise ManifestError(
             f"manifest schema_version {version!r} is not supported by this runtime "
             f"(supports {SCHEMA_VERSION}); upgrade edge-runtime or rebuild the bundle"
