@@ -51,15 +51,16 @@ def _run(bundle: Path, source: Path, out: Path, extra: list[str]) -> dict[str, A
 
 
 def _segments(rows: list[dict[str, Any]], key: str) -> list[tuple[int, int, str, float]]:
-    segs: list[tuple[int, int, str, float]] = []
+    """Runs of consecutive results with the same label: (first, last, label, mean score)."""
+    segs: list[tuple[int, int, str, list[float]]] = []
     for row in rows:
         label, score = _label(row, key)
         if segs and segs[-1][2] == label:
-            a, _, _, s = segs[-1]
-            segs[-1] = (a, row["frame"], label, max(s, score))
+            segs[-1][3].append(score)
+            segs[-1] = (segs[-1][0], row["frame"], label, segs[-1][3])
         else:
-            segs.append((row["frame"], row["frame"], label, score))
-    return segs
+            segs.append((row["frame"], row["frame"], label, [score]))
+    return [(a, b, label, sum(s) / len(s)) for a, b, label, s in segs]
 
 
 def _label(row: dict[str, Any], key: str) -> tuple[str, float]:
@@ -76,7 +77,7 @@ def _show(title: str, out: Path, summary: dict[str, Any], key: str) -> None:
     )
     unit = "frames" if key == "top" else "windows"
     for a, b, label, score in _segments(rows, key):
-        what = "peak score" if key == "top" else "max anomaly score"
+        what = "mean top-1 score" if key == "top" else "mean anomaly score"
         print(f"  {unit} {a:>4}-{b:<4} {label:<10} ({what} {score:.3g})")
     lat = summary["latency_ms"]
     print(
@@ -98,7 +99,7 @@ def main() -> int:
     out = args.out.resolve()
     shapes = _run(DEMO / "shapes", DEMO / "shapes.avi", out / "shapes.jsonl", [])
     _show("camera: shapes classifier on a demo video", out / "shapes.jsonl", shapes, "top")
-    vib = _run(DEMO / "vibration", DEMO / "vibration.csv", out / "vibration.jsonl", [])
+    vib = _run(DEMO / "vibration", DEMO / "vibration.csv", out / "vibration.jsonl", ["--format", "tflite"])
     _show(
         "sensor: vibration anomaly model on a 3-axis accelerometer file",
         out / "vibration.jsonl",

@@ -602,6 +602,8 @@ def test_compressed_payload_over_size_limit(
     tmp_path: Path, cnn_onnx: Path, keys: tuple[Path, Path], trust: TrustStore
 ) -> None:
     """A small gzip archive whose payload expands past ``max_bytes`` is refused while reading."""
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(1 << 20))
     root = create_bundle(
         tmp_path / "zeros",
         models=[cnn_onnx],
@@ -611,10 +613,13 @@ def test_compressed_payload_over_size_limit(
         preprocess=ImagePreprocess(),
         decoder=ClassificationSpec(),
         golden_frames=np.zeros((8, 64, 64, 3), np.uint8),
+        extra_files={"zeros.bin": zeros},
         sign_key=keys[0],
     )
     archive = write_tar(tmp_path / "z.edgebundle", regular_members(root), mode="w:gz")
-    payload = sum((root / n).stat().st_size for n in ["model.onnx", "reference.json", "selftest.npz"])
+    payload = sum(
+        (root / n).stat().st_size for n in ["model.onnx", "reference.json", "selftest.npz", "zeros.bin"]
+    )
     limit = payload // 2
     assert archive.stat().st_size < limit
     unpack_fails(archive, tmp_path, trust, UnsafeArchiveError, "payload exceeds", max_bytes=limit)

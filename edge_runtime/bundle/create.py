@@ -234,7 +234,7 @@ def _fill(
                 reference = _reference(np.stack(inputs), stacked, decoder)
         finally:
             backend.close()
-    np.savez(root / "selftest.npz", **arrays)  # type: ignore[arg-type]
+    np.savez_compressed(root / "selftest.npz", **arrays)  # type: ignore[arg-type]
     files["selftest.npz"] = root / "selftest.npz"
     (root / "reference.json").write_text(json.dumps(reference, indent=1, sort_keys=True))
     files["reference.json"] = root / "reference.json"
