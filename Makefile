@@ -36,7 +36,7 @@ bench: setup
 
 ## make models: retrain the demo models and rebuild the demo bundles (needs the convert extra)
 models: setup
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -r requirements/convert.txt
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -r models/requirements.txt
 	$(BIN)/python models/shapes/recipe.py
 	$(BIN)/python models/vibration/recipe.py
 	$(BIN)/python models/build_bundles.py
