@@ -24,12 +24,18 @@ only ever need to catch these::
     |   +-- SourceDisconnectedError  a live source vanished (the daemon reconnects)
     |   +-- SampleParseError         a sensor line that is not valid CSV/JSON samples
     +-- SinkError                    a sink could not write
+    +-- ConversionError              the converter cannot produce a result (names problem and fix)
+        +-- CalibrationError         empty, unreadable or mis-shaped calibration/evaluation data
+        +-- AccuracyBudgetError      --max-accuracy-drop could not be met (best result kept)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AccuracyBudgetError",
     "BackendError",
+    "CalibrationError",
+    "ConversionError",
     "BundleError",
     "ConfigError",
     "DecoderError",
@@ -133,3 +139,15 @@ class SampleParseError(SourceError):
 
 class SinkError(EdgeRuntimeError):
     """A result sink could not write."""
+
+
+class ConversionError(EdgeRuntimeError):
+    """The converter cannot produce a result; the message names the problem and the fix."""
+
+
+class CalibrationError(ConversionError):
+    """Calibration or evaluation data is empty, unreadable or does not fit the model."""
+
+
+class AccuracyBudgetError(ConversionError):
+    """The accuracy budget could not be met; the best result found is kept and reported."""
