@@ -131,10 +131,28 @@ class ImagePreprocessor:
         self._colored = np.empty(hwc, np.uint8)
         self._gray = np.empty((self.height, self.width), np.uint8)
         self._work = np.empty(hwc, np.float32)
+        self._lut = self._make_lut(alpha, beta)
+        # NCHW: the table writes an HWC buffer that is then copied transposed.
+        self._lut_hwc = np.empty(hwc, self._dtype) if spec.layout == "nchw" else None
         self._geometry: dict[tuple[int, int], tuple[ImageTransform, Any]] = {}
 
     def new_buffer(self) -> npt.NDArray[Any]:
         return np.empty(self._shape, self._dtype)
+
+    def _make_lut(self, alpha: npt.NDArray[np.float32], beta: npt.NDArray[np.float32]) -> Any:
+        """256-entry per-channel table of the model value of every pixel value (bit-exact with
+        the float32 arithmetic below); None when cv2.LUT cannot produce the model dtype."""
+        if self._identity or self._dtype not in (np.float32, np.int8, np.uint8, np.int16):
+            return None
+        levels = np.arange(256, dtype=np.uint8)[:, None].repeat(self.channels, axis=1)
+        work = np.empty(levels.shape, np.float32)
+        np.multiply(levels, alpha, out=work)
+        np.add(work, beta, out=work)
+        if self._int_range is not None:
+            np.rint(work, out=work)
+            np.clip(work, self._int_range[0], self._int_range[1], out=work)
+        lut = work.astype(self._dtype).reshape(1, 256, self.channels)
+        return np.ascontiguousarray(lut if self.channels > 1 else lut[:, :, 0])
 
     def _plan(self, src_w: int, src_h: int) -> tuple[ImageTransform, Any]:
         """Resize geometry for one source size, cached (sizes rarely change)."""
@@ -217,6 +235,15 @@ class ImagePreprocessor:
         if self._identity:
             np.copyto(target, colored)
             return transform
+        if self._lut is not None:
+            hwc = target if self._lut_hwc is None else self._lut_hwc
+            src = colored if self.channels > 1 else colored[:, :, 0]
+            dst = hwc if self.channels > 1 else hwc[:, :, 0]
+            if cv2.LUT(src, self._lut, dst=dst) is dst:
+                if self._lut_hwc is not None:
+                    np.copyto(target, self._lut_hwc)
+                return transform
+            # cv2 allocated a fresh array (unexpected layout): fall through to numpy
         work = self._work
         np.multiply(colored, self._alpha, out=work)
         np.add(work, self._beta, out=work)

@@ -1,0 +1,1 @@
+"""Benchmarks of the edge-runtime pipeline (not part of the installed package)."""
