@@ -327,6 +327,9 @@ class _ClockSink:
         if len(self.stamps) >= self._warmup:
             self.warm.set()
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

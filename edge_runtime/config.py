@@ -93,7 +93,9 @@ class JsonlSinkConfig(_Section):
 
     kind: Literal["jsonl"] = "jsonl"
     path: str = "-"
-    flush_every: int = Field(default=1, ge=1, description="flush after this many lines")
+    flush_every: int = Field(
+        default=64, ge=1, description="flush after this many lines (and after every burst)"
+    )
 
 
 class SqliteSinkConfig(_Section):

@@ -434,16 +434,30 @@ class Pipeline:
 
     # -- sinks ---------------------------------------------------------------------------
     def _sink(self) -> None:
+        """Write results as they come; drain what is queued in one go and flush once per drain."""
+        results = self._results
         while True:
-            result = self._results.get()
-            if result is None:
-                break
+            batch = [results.get()]
+            while batch[-1] is not None and len(batch) < 256:
+                try:
+                    batch.append(results.get_nowait())
+                except queue.Empty:
+                    break
+            done = batch[-1] is None
             for sink in self.sinks:
                 try:
-                    sink.write(result)
+                    for result in batch:
+                        if result is not None:
+                            sink.write(result)
+                    sink.flush()
                 except SinkError as exc:
                     self.stats.error("sink")
                     self._rlog.warning("sink", "%s", exc)
+                except Exception:
+                    self.stats.error("sink")
+                    log.exception("sink %s failed", type(sink).__name__)
+            if done:
+                break
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -30,6 +30,10 @@ class Sink(Protocol):
 
     def write(self, result: Result) -> None: ...
 
+    def flush(self) -> None:
+        """Called after each burst of results: make them durable/visible."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -63,10 +67,19 @@ class JsonlSink:
             self._fh.write(json.dumps(_line(result), separators=(",", ":")) + "\n")
             self._pending += 1
             if self._pending >= self._flush_every:
-                self._fh.flush()
-                self._pending = 0
+                self.flush()
         except (OSError, ValueError) as exc:
             raise SinkError(f"JSONL sink write failed: {exc}") from exc
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        try:
+            self._fh.flush()
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"JSONL sink write failed: {exc}") from exc
+        finally:
+            self._pending = 0
 
     def close(self) -> None:
         try:
@@ -104,10 +117,15 @@ class SqliteSink:
         self._rows.append(
             (time.time(), result.frame_index, int(event), json.dumps(_line(result), separators=(",", ":")))
         )
-        if len(self._rows) >= 64 or time.monotonic() - self._last_commit > 1.0:
-            self.flush()
+        if len(self._rows) >= 64:
+            self._commit()
 
     def flush(self) -> None:
+        """Commit at most about once a second (results are batched into transactions)."""
+        if time.monotonic() - self._last_commit > 1.0:
+            self._commit()
+
+    def _commit(self) -> None:
         if not self._rows:
             return
         try:
@@ -133,7 +151,7 @@ class SqliteSink:
 
     def close(self) -> None:
         try:
-            self.flush()
+            self._commit()
         finally:
             self._db.close()
 
@@ -178,6 +196,9 @@ class SnapshotSink:
         files = sorted(self._cfg.dir.glob("*.jpg"))
         for old in files[: max(0, len(files) - self._cfg.max_files)]:
             old.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        return None
 
     def close(self) -> None:
         return None

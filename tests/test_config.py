@@ -64,7 +64,7 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.model.selftest is True
     assert config.state.dir == base / "state"
     assert config.trust.require_signature is False and config.trust.keys == []
-    assert config.sinks == [JsonlSinkConfig(kind="jsonl", path="-", flush_every=1)]
+    assert config.sinks == [JsonlSinkConfig(kind="jsonl", path="-", flush_every=64)]
     assert config.pipeline.queue_size == 4 and config.pipeline.max_fps is None
     assert config.log.level == "info"
 

@@ -232,3 +232,26 @@ def test_batch_larger_than_a_fixed_model_batch_is_a_config_error(
             [],
             PipelineOptions(batch=4),
         )
+
+
+def test_a_faulty_sink_does_not_stall_the_pipeline(
+    make_cnn_bundle: Callable[..., Path], video: Path, tmp_path: Path
+) -> None:
+    """A sink that raises something unexpected is counted; the other sinks still get every result."""
+
+    class Broken:
+        def write(self, result: object) -> None:
+            raise RuntimeError("disk on fire")
+
+        def flush(self) -> None:
+            return None
+
+        def close(self) -> None:
+            return None
+
+    out = tmp_path / "r.jsonl"
+    source = VideoFileSource(SourceSpec(kind="video", uri=str(video)))
+    pipe = Pipeline(_model(make_cnn_bundle()), source, [Broken(), JsonlSink(JsonlSinkConfig(path=str(out)))])
+    summary = pipe.run()
+    assert len(_lines(out)) == 20
+    assert summary["errors"]["sink"] >= 1
