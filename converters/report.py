@@ -85,8 +85,7 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
         return "<p>none</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-        for r in rows
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -113,8 +112,10 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f"<p class='{cls}'>{html.escape(_fmt(status.get('message')))}</p>")
     target = report.get("target", {})
     if target:
-        out.append(f"<h2>Target</h2><p>{html.escape(_fmt(target.get('name')))}: "
-                   f"{html.escape(_fmt(target.get('options')))}</p>")
+        out.append(
+            f"<h2>Target</h2><p>{html.escape(_fmt(target.get('name')))}: "
+            f"{html.escape(_fmt(target.get('options')))}</p>"
+        )
         for warning in target.get("preflight", []):
             out.append(f"<p class='warn'>preflight: {html.escape(str(warning))}</p>")
     calib = report.get("calibration", {})
@@ -122,41 +123,69 @@ def render_html(report: dict[str, Any]) -> str:
         out.append(f"<h2>Calibration</h2><p>{html.escape(_fmt(calib))}</p>")
     artifacts = report.get("artifacts", [])
     out.append("<h2>Artifacts</h2>")
-    out.append(_table(artifacts, ["format", "precision", "file", "size_bytes", "latency_ms_p50",
-                                  "threads", "metric", "agreement", "speedup_vs_fp32",
-                                  "size_ratio_vs_fp32"]))
+    out.append(
+        _table(
+            artifacts,
+            [
+                "format",
+                "precision",
+                "file",
+                "size_bytes",
+                "latency_ms_p50",
+                "threads",
+                "metric",
+                "agreement",
+                "speedup_vs_fp32",
+                "size_ratio_vs_fp32",
+            ],
+        )
+    )
     for art in artifacts:
         if art.get("speedup_vs_fp32") is not None and art["speedup_vs_fp32"] < 1.0:
-            out.append(f"<p class='bad'>{html.escape(art['format'])} {html.escape(art['precision'])} "
-                       f"is SLOWER than fp32 on this host ({art['speedup_vs_fp32']:.2f}x)</p>")
+            out.append(
+                f"<p class='bad'>{html.escape(art['format'])} {html.escape(art['precision'])} "
+                f"is SLOWER than fp32 on this host ({art['speedup_vs_fp32']:.2f}x)</p>"
+            )
     timed = [a for a in artifacts if a.get("latency_ms_p50") is not None]
     if timed:
         names = [f"{a['format']} {a['precision']}" for a in timed]
-        out.append(bar_chart_svg(names, [float(a["latency_ms_p50"]) for a in timed],
-                                 title="latency p50 (host)", unit=" ms"))
-        out.append(bar_chart_svg(names, [float(a["size_bytes"]) / 1024 for a in timed],
-                                 title="size", unit=" KiB"))
+        out.append(
+            bar_chart_svg(
+                names, [float(a["latency_ms_p50"]) for a in timed], title="latency p50 (host)", unit=" ms"
+            )
+        )
+        out.append(
+            bar_chart_svg(names, [float(a["size_bytes"]) / 1024 for a in timed], title="size", unit=" KiB")
+        )
     skipped = report.get("skipped", [])
     if skipped:
         out.append("<h2>Not produced</h2>" + _table(skipped, ["format", "precision", "reason"]))
     fallback = report.get("fallback")
     if fallback:
         out.append("<h2>Accuracy-aware fallback</h2>")
-        out.append(f"<p>budget {html.escape(_fmt(fallback.get('max_drop')))}: "
-                   f"{html.escape(_fmt(fallback.get('result')))}</p>")
+        out.append(
+            f"<p>budget {html.escape(_fmt(fallback.get('max_drop')))}: "
+            f"{html.escape(_fmt(fallback.get('result')))}</p>"
+        )
         for fmt, kept in fallback.get("kept_float", {}).items():
             out.append(f"<h3>{html.escape(fmt)}: kept in float</h3>" + _table(kept, ["name", "reason"]))
     for fmt, layers in report.get("per_layer", {}).items():
         if not layers:
             continue
         out.append(f"<h2>Per-layer error ({html.escape(fmt)})</h2>")
-        out.append(bar_chart_svg([str(x.get("name")) for x in layers],
-                                 [float(x.get("sqnr_db", float("nan"))) for x in layers],
-                                 title=f"{fmt}: SQNR per layer (higher is better; red < 20 dB)",
-                                 unit=" dB", highlight_below=20.0))
+        out.append(
+            bar_chart_svg(
+                [str(x.get("name")) for x in layers],
+                [float(x.get("sqnr_db", float("nan"))) for x in layers],
+                title=f"{fmt}: SQNR per layer (higher is better; red < 20 dB)",
+                unit=" dB",
+                highlight_below=20.0,
+            )
+        )
     pruning = report.get("pruning")
     if pruning:
-        out.append("<h2>Pruning</h2>" + f"<p>{html.escape(_fmt({k: v for k, v in pruning.items() if k != 'layers'}))}</p>")
+        summary = {k: v for k, v in pruning.items() if k != "layers"}
+        out.append(f"<h2>Pruning</h2><p>{html.escape(_fmt(summary))}</p>")
         out.append(_table(pruning.get("layers", []), ["name", "before", "after", "note"]))
     notes = report.get("notes", [])
     if notes:
