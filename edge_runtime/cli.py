@@ -154,55 +154,9 @@ def _preprocess_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(f"preprocessing: {format_validation_error(exc)}") from exc
 
 
-def _golden_frames(path: Path | None, preprocess: Any, count: int) -> npt.NDArray[Any]:
-    """Frames for the self-test: from a file/folder, or seeded synthetic frames."""
-    from edge_runtime.preprocess_spec import TensorPreprocess
-
-    if path is None:
-        rng = np.random.default_rng(0)
-        if isinstance(preprocess, TensorPreprocess):
-            return rng.standard_normal((count, preprocess.window, preprocess.channels)).astype(np.float32)
-        log.warning("no --golden frames given: the self-test uses seeded random images")
-        return rng.integers(0, 256, (count, 96, 128, 3), dtype=np.uint8)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            if "frames" not in data.files:
-                raise UsageError(f"{path} has no 'frames' array")
-            return np.asarray(data["frames"][:count])
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)[:count]  # type: ignore[no-any-return]
-    from edge_runtime.sources import Windower, make_source, parse_source_uri
-    from edge_runtime.sources.specs import WindowSpec
-
-    spec = parse_source_uri(str(path))
-    source = make_source(spec)
-    windower = (
-        Windower(WindowSpec(size=preprocess.window, hop=preprocess.hop))
-        if isinstance(preprocess, TensorPreprocess)
-        else None
-    )
-    frames: list[npt.NDArray[Any]] = []
-    source.open()
-    try:
-        while len(frames) < count:
-            frame = source.read()
-            if frame is None:
-                break
-            for f in windower.push(frame) if windower else [frame]:
-                frames.append(f.data.copy())
-    finally:
-        source.close()
-    if not frames:
-        raise UsageError(f"--golden {path} gave no frames")
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        first = frames[0].shape
-        frames = [f for f in frames if f.shape == first]
-    return np.stack(frames[:count])
-
-
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import create_bundle
+    from edge_runtime.bundle.golden import golden_frames
     from edge_runtime.decoders.specs import DecoderSpec
 
     preprocess = _preprocess_from_args(args)
@@ -221,7 +175,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
             args.decoder
         ]
     )
-    frames = _golden_frames(args.golden, preprocess, args.golden_count)
+    frames = golden_frames(args.golden, preprocess, args.golden_count)
     out = create_bundle(
         args.out,
         models=args.model,

@@ -43,7 +43,7 @@ from edge_runtime.errors import BundleError
 from edge_runtime.preprocess import make_preprocessor
 from edge_runtime.preprocess_spec import PreprocessSpec
 
-__all__ = ["create_bundle", "sign_bundle", "write_manifest"]
+__all__ = ["create_bundle", "reference_statistics", "sign_bundle", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _stats(values: npt.NDArray[Any]) -> dict[str, float]:
     }
 
 
-def _reference(inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any) -> dict[str, Any]:
+def reference_statistics(inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any) -> dict[str, Any]:
     """Input/output statistics on the golden frames, for drift checks on the device."""
     ref: dict[str, Any] = {"frames": len(inputs), "input": _stats(inputs)}
     ref["outputs"] = [_stats(o) for o in outputs]
@@ -123,11 +123,14 @@ def create_bundle(
     pack: Path | None = None,
     threads: int = 2,
     overwrite: bool = False,
+    reference: dict[str, Any] | None = None,
 ) -> Path:
     """Create a bundle directory at ``out`` (and the packed file ``pack`` when given).
 
     ``golden_frames`` are frames as a source delivers them (uint8 BGR images, or float32
-    ``window x channels`` sensor windows); their outputs become the self-test.
+    ``window x channels`` sensor windows); their outputs become the self-test. ``reference``
+    replaces the drift statistics computed from the golden frames (the converter passes
+    statistics of its whole calibration set).
     """
     if not models:
         raise BundleError("give at least one model file (.onnx or .tflite)")
@@ -157,6 +160,7 @@ def create_bundle(
             latency_budget_ms,
             extra_files or {},
             threads,
+            reference,
         )
         if sign_key is not None:
             sign_bundle(staging, sign_key)
@@ -190,6 +194,7 @@ def _fill(
     latency_budget_ms: float | None,
     extra_files: dict[str, Path],
     threads: int,
+    given_reference: dict[str, Any] | None,
 ) -> None:
     files: dict[str, Path] = {}
     entries: list[dict[str, Any]] = []
@@ -231,7 +236,7 @@ def _fill(
                 }
             )
             if not reference:
-                reference = _reference(np.stack(inputs), stacked, decoder)
+                reference = given_reference or reference_statistics(np.stack(inputs), stacked, decoder)
         finally:
             backend.close()
     np.savez_compressed(root / "selftest.npz", **arrays)  # type: ignore[arg-type]
