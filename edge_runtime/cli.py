@@ -15,17 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from pydantic import TypeAdapter, ValidationError
 
 from edge_runtime import __version__
 from edge_runtime.bundle.manifest import format_validation_error
-from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.errors import ConfigError, EdgeRuntimeError, MissingDependencyError
 
 __all__ = ["main"]
 
 log = logging.getLogger("edge_runtime.cli")
+
+
+_TASKS = {"classification": "classification", "yolo": "detection", "ssd": "detection", "raw": "regression"}
 
 
 class UsageError(ConfigError):
@@ -169,12 +170,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
     labels: list[str] = []
     if args.labels:
         labels = [x.strip() for x in args.labels.read_text(encoding="utf-8").splitlines() if x.strip()]
-    task = (
-        args.task
-        or {"classification": "classification", "yolo": "detection", "ssd": "detection", "raw": "regression"}[
-            args.decoder
-        ]
-    )
+    task = args.task or _TASKS[args.decoder]
     frames = golden_frames(args.golden, preprocess, args.golden_count)
     out = create_bundle(
         args.out,
@@ -278,6 +274,68 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from converters.convert import ConvertOptions, convert
+    except ImportError as exc:  # converters ship with the host-side package only
+        raise MissingDependencyError("edge-runtime converters", "convert", "edgert convert") from exc
+    from edge_runtime.decoders.specs import DecoderSpec
+
+    preprocess = _preprocess_from_args(args)
+    try:
+        decoder = TypeAdapter(DecoderSpec).validate_python(
+            {"kind": args.decoder, **_parse_opts(args.decoder_opt)}
+        )
+    except ValidationError as exc:
+        raise UsageError(f"decoder: {format_validation_error(exc)}") from exc
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats or any(f not in ("onnx", "tflite") for f in formats):
+        raise UsageError(f"--formats {args.formats!r}: use onnx, tflite or onnx,tflite")
+    labels = (
+        [x.strip() for x in args.labels.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if args.labels
+        else []
+    )
+    result = convert(
+        ConvertOptions(
+            model=args.model,
+            out=args.out,
+            calibration=args.calibration,
+            preprocess=preprocess,
+            decoder=decoder,
+            name=args.name,
+            version=args.version,
+            task=args.task or _TASKS[args.decoder],  # type: ignore[arg-type]
+            labels=labels,
+            eval_data=args.eval_data,
+            calibration_count=args.calibration_count,
+            eval_count=args.eval_count,
+            method=args.method,
+            target=args.target,
+            formats=formats,
+            max_accuracy_drop=args.max_accuracy_drop,
+            prune=args.prune,
+            finetune_data=args.finetune_data,
+            threads=args.threads,
+            sign_key=args.sign_key,
+            pack=args.pack,
+            overwrite=args.force,
+        )
+    )
+    for row in result.report.get("artifacts", []):
+        extra = ""
+        if "speedup_vs_fp32" in row:
+            extra = f"  {row['speedup_vs_fp32']}x faster, {row['size_ratio_vs_fp32']}x smaller than fp32"
+        print(
+            f"{row['format']:<6} {row['precision']:<5} {row['size_bytes'] / 1024:>9.1f} KiB "
+            f"{row['latency_ms_p50']:>8.3f} ms  {row['metric'] or ''}{extra}"
+        )
+    for skipped in result.skipped:
+        print(f"not produced: {skipped.format} {skipped.precision}: {skipped.reason}")
+    print(f"report: {result.out / 'report.html'}; bundle: {result.bundle}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edge_runtime.doctor import doctor_report, format_report
 
@@ -287,6 +345,32 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Bundle metadata, preprocessing and decoder flags shared by bundle create and convert."""
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--task", choices=["classification", "detection", "regression", "anomaly"])
+    parser.add_argument("--description", default="")
+    parser.add_argument("--labels", type=Path)
+    parser.add_argument(
+        "--decoder", default="classification", choices=["classification", "yolo", "ssd", "raw"]
+    )
+    parser.add_argument(
+        "--decoder-opt", action="append", default=[], help="KEY=VALUE, e.g. conf_threshold=0.3"
+    )
+    parser.add_argument("--resize", default="stretch", choices=["stretch", "letterbox", "crop"])
+    parser.add_argument("--color", default="rgb", choices=["rgb", "bgr", "gray"])
+    parser.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"])
+    parser.add_argument("--scale", type=float, default=1.0 / 255.0)
+    parser.add_argument("--mean", help="comma-separated, e.g. 0.485,0.456,0.406")
+    parser.add_argument("--std", help="comma-separated")
+    parser.add_argument("--window", type=int, help="sensor models: samples per window")
+    parser.add_argument("--hop", type=int)
+    parser.add_argument("--channels", type=int)
+    parser.add_argument("--sensor-layout", default="nwc", choices=["nwc", "ncw", "flat"])
+    parser.add_argument("--preprocess-json", help="the whole preprocess section as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgert", description="edge-runtime: offline edge inference")
     parser.add_argument("--version", action="version", version=f"edgert {__version__}")
@@ -328,28 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = bsub.add_parser("create", help="wrap an ONNX and/or TFLite model into a bundle")
     create.add_argument("--model", type=Path, action="append", required=True)
     create.add_argument("--out", type=Path, required=True)
-    create.add_argument("--name", required=True)
-    create.add_argument("--version", default="1.0.0")
-    create.add_argument("--task", choices=["classification", "detection", "regression", "anomaly"])
-    create.add_argument("--description", default="")
-    create.add_argument("--labels", type=Path)
-    create.add_argument(
-        "--decoder", default="classification", choices=["classification", "yolo", "ssd", "raw"]
-    )
-    create.add_argument(
-        "--decoder-opt", action="append", default=[], help="KEY=VALUE, e.g. conf_threshold=0.3"
-    )
-    create.add_argument("--resize", default="stretch", choices=["stretch", "letterbox", "crop"])
-    create.add_argument("--color", default="rgb", choices=["rgb", "bgr", "gray"])
-    create.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"])
-    create.add_argument("--scale", type=float, default=1.0 / 255.0)
-    create.add_argument("--mean", help="comma-separated, e.g. 0.485,0.456,0.406")
-    create.add_argument("--std", help="comma-separated")
-    create.add_argument("--window", type=int, help="sensor models: samples per window")
-    create.add_argument("--hop", type=int)
-    create.add_argument("--channels", type=int)
-    create.add_argument("--sensor-layout", default="nwc", choices=["nwc", "ncw", "flat"])
-    create.add_argument("--preprocess-json", help="the whole preprocess section as JSON")
+    _add_model_args(create)
     create.add_argument("--golden", type=Path, help=".npz/.npy frames, an image folder, a video or a CSV")
     create.add_argument("--golden-count", type=int, default=8)
     create.add_argument("--latency-budget-ms", type=float)
@@ -379,6 +442,42 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle", type=Path)
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_bundle_inspect)
+
+    conv = sub.add_parser(
+        "convert",
+        help="int8 ONNX + TFLite from one calibration, accuracy report, signed bundle",
+        description="Needs the convert extra: pip install 'edge-runtime[convert]'.",
+    )
+    conv.add_argument("model", type=Path, help=".onnx, .keras, a SavedModel folder or a float .tflite")
+    conv.add_argument("--out", type=Path, required=True, help="output folder (report, models, bundle/)")
+    conv.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        help="image folder (labelled subfolders allowed), .npy/.npz, or .csv/.jsonl",
+    )
+    conv.add_argument("--calibration-count", type=int, default=200)
+    conv.add_argument(
+        "--eval",
+        dest="eval_data",
+        type=Path,
+        help="labelled evaluation data (default: a held-out split of --calibration)",
+    )
+    conv.add_argument("--eval-count", type=int, default=500)
+    conv.add_argument("--method", choices=["minmax", "entropy", "percentile"])
+    conv.add_argument(
+        "--target", default="auto", choices=["auto", "x86", "x86-vnni", "rpi4", "rpi5", "jetson"]
+    )
+    conv.add_argument("--formats", default="onnx,tflite", help="comma-separated: onnx,tflite")
+    conv.add_argument("--max-accuracy-drop", type=float, help="e.g. 0.01 = 1 point of top-1")
+    conv.add_argument("--prune", help="magnitude:S or channels:R")
+    conv.add_argument("--finetune-data", type=Path, help=".npz with x, y to fine-tune after pruning (Keras)")
+    conv.add_argument("--threads", type=int, default=2)
+    conv.add_argument("--sign-key", type=Path)
+    conv.add_argument("--pack", type=Path, help="also write the packed .edgebundle file")
+    conv.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_model_args(conv)
+    conv.set_defaults(func=cmd_convert)
 
     doctor = sub.add_parser("doctor", help="report runtimes, providers, delegates, CPU, cameras")
     doctor.add_argument("--json", action="store_true")

@@ -101,7 +101,7 @@ class LiteRTBackend:
         self._out_idx = [int(d["index"]) for d in out_details]
         self._dequant = [Dequantizer(s) for s in self.outputs]
         self.delegates = [d.library for d in opts.delegates]
-        log.info("litert loaded %s, %d threads, delegates %s", path.name, opts.threads, self.delegates)
+        log.debug("litert loaded %s, %d threads, delegates %s", path.name, opts.threads, self.delegates)
         if opts.warmup_runs:
             warm = [np.zeros([d or 1 for d in s.shape], s.dtype) for s in self.inputs]
             for _ in range(opts.warmup_runs):

@@ -126,7 +126,7 @@ class OnnxRuntimeBackend:
         self._output_names = [s.name for s in self.outputs]
         self._feed: dict[str, npt.NDArray[Any]] = {}
         self._dequant = [Dequantizer(s) for s in self.outputs]
-        log.info("onnxruntime loaded %s with %s, %d threads", path.name, self.providers, opts.threads)
+        log.debug("onnxruntime loaded %s with %s, %d threads", path.name, self.providers, opts.threads)
         if opts.warmup_runs:
             warm = [np.zeros([d or 1 for d in s.shape], s.dtype) for s in self.inputs]
             for _ in range(opts.warmup_runs):

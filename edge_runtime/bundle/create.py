@@ -89,7 +89,9 @@ def _stats(values: npt.NDArray[Any]) -> dict[str, float]:
     }
 
 
-def reference_statistics(inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any) -> dict[str, Any]:
+def reference_statistics(
+    inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any
+) -> dict[str, Any]:
     """Input/output statistics on the golden frames, for drift checks on the device."""
     ref: dict[str, Any] = {"frames": len(inputs), "input": _stats(inputs)}
     ref["outputs"] = [_stats(o) for o in outputs]
