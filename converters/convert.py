@@ -163,7 +163,10 @@ def _prune(
 
         model = source._keras()  # the loaded keras.Model
         if kind == "channels":
-            new_model, pr = prune_keras.channel_prune_keras(model, amount)
+            from converters.targets import resolve_target
+
+            round_to = 16 if resolve_target(opts.target).name == "x86-vnni" else 8
+            new_model, pr = prune_keras.channel_prune_keras(model, amount, round_to=round_to)
             if opts.finetune_data is not None:
                 x, y = prune_keras.load_finetune_data(opts.finetune_data)
                 history = prune_keras.finetune(new_model, x, y, epochs=opts.finetune_epochs)
@@ -192,7 +195,12 @@ def _prune(
 
     dst = stage / "pruned.onnx"
     if kind == "channels":
-        pr = prune_onnx.channel_prune_onnx(source.path, dst, amount, calib.inputs[:32])
+        # Channel counts rounded to the CPU kernels' blocks: 16 on AVX-512, 8 elsewhere (an
+        # exact 30% leaves odd counts that run on slower kernels; measured in docs/performance.md).
+        from converters.targets import resolve_target
+
+        round_to = 16 if resolve_target(opts.target).name == "x86-vnni" else 8
+        pr = prune_onnx.channel_prune_onnx(source.path, dst, amount, calib.inputs[:256], round_to=round_to)
     else:
         pr = prune_onnx.magnitude_prune_onnx(source.path, dst, amount)
     report["pruning"] = {"kind": kind, "amount": amount, **pr.to_dict()}

@@ -13,9 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
-
 from converters.sources import SourceModel, keras_module, load_source, quiet_tf
 from converters.types import Artifact, CalibrationSet, Skipped
 from edge_runtime.errors import ConversionError

@@ -14,9 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("sklearn")
-
 from converters.evaluate import accuracy_drop
 from converters.sensitivity_tflite import (
     fallback_tflite,
@@ -104,7 +101,7 @@ def fp32(source: SourceModel, work: Path) -> Path:
 def hostile(trained: Any, work: Path) -> SourceModel:
     """The trained CNN with conv1's channel 0 boosted 1e4x, max-pooled, then divided back."""
     keras = keras_module()
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     from keras import layers
 
     class Scale(layers.Layer):
@@ -238,7 +235,7 @@ def test_calibration_problems_are_named(source: SourceModel, work: Path) -> None
 
 def test_op_without_int8_kernel_is_refused_and_nothing_written(work: Path, calib: CalibrationSet) -> None:
     keras = keras_module()
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     from keras import layers, ops
 
     inp = keras.Input((8, 8, 1), name="image")
