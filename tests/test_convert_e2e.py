@@ -13,16 +13,21 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from conftest import REPO, build_cnn_onnx
+from onnx import TensorProto, helper
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def edgert(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_runtime", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +40,14 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("digits")
     d = load_digits()
     order = np.random.default_rng(0).permutation(len(d.images))
-    images = np.stack([
-        cv2.cvtColor(cv2.resize((d.images[i] * 16).clip(0, 255).astype(np.uint8), (32, 32)), cv2.COLOR_GRAY2BGR)
-        for i in order
-    ])
+    images = np.stack(
+        [
+            cv2.cvtColor(
+                cv2.resize((d.images[i] * 16).clip(0, 255).astype(np.uint8), (32, 32)), cv2.COLOR_GRAY2BGR
+            )
+            for i in order
+        ]
+    )
     labels = d.target[order]
     for split, (a, b) in {"calib": (0, 1200), "eval": (1200, len(images))}.items():
         for i in range(a, b):
@@ -53,15 +62,17 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def _train(keras: Any, base: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)),
-        keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(16, 3, activation="relu", padding="same"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu", padding="same"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     x = images[:1200, :, :, ::-1].astype(np.float32) / 255.0
     model.fit(x, labels[:1200], epochs=6, verbose=0)
@@ -76,10 +87,28 @@ def test_convert_keras_to_signed_int8_bundle_that_the_daemon_runs(
 ) -> None:
     out = tmp_path / "out"
     packed = tmp_path / "digits.edgebundle"
-    proc = edgert("convert", str(digits["model"]), "--out", str(out), "--calibration",
-                  str(digits["base"] / "calib"), "--eval", str(digits["base"] / "eval"), "--labels",
-                  str(digits["labels"]), "--name", "digits", "--version", "2.1.0", "--sign-key", str(keys[0]),
-                  "--pack", str(packed), "--eval-count", "400")
+    proc = edgert(
+        "convert",
+        str(digits["model"]),
+        "--out",
+        str(out),
+        "--calibration",
+        str(digits["base"] / "calib"),
+        "--eval",
+        str(digits["base"] / "eval"),
+        "--labels",
+        str(digits["labels"]),
+        "--name",
+        "digits",
+        "--version",
+        "2.1.0",
+        "--sign-key",
+        str(keys[0]),
+        "--pack",
+        str(packed),
+        "--eval-count",
+        "400",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = {(a["format"], a["precision"]): a for a in report["artifacts"]}
@@ -94,8 +123,18 @@ def test_convert_keras_to_signed_int8_bundle_that_the_daemon_runs(
     assert "report.html" in os.listdir(out) and "<svg" in (out / "report.html").read_text()
     # The signed bundle runs in the daemon with its signature checked and its self-test passed.
     for fmt in ("onnx", "tflite"):
-        run = edgert("run", "--bundle", str(packed), "--format", fmt, "--source",
-                     str(digits["base"] / "eval" / "4"), "--trust-key", str(keys[1]), timeout=120)
+        run = edgert(
+            "run",
+            "--bundle",
+            str(packed),
+            "--format",
+            fmt,
+            "--source",
+            str(digits["base"] / "eval" / "4"),
+            "--trust-key",
+            str(keys[1]),
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         results = [json.loads(line) for line in run.stdout.splitlines()]
         assert results and sum(r["top"][0]["label"] == "4" for r in results) / len(results) > 0.9
@@ -109,8 +148,18 @@ def test_empty_calibration_folder_fails_cleanly(digits: dict[str, Any], tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "out"
-    proc = edgert("convert", str(digits["model"]), "--out", str(out), "--calibration", str(empty),
-                  "--name", "x", "--formats", "onnx")
+    proc = edgert(
+        "convert",
+        str(digits["model"]),
+        "--out",
+        str(out),
+        "--calibration",
+        str(empty),
+        "--name",
+        "x",
+        "--formats",
+        "onnx",
+    )
     assert proc.returncode == 1
     assert "empty" in proc.stderr.lower() or "no images" in proc.stderr.lower()
     assert "Traceback" not in proc.stderr
@@ -121,8 +170,18 @@ def test_wrong_calibration_shape_fails_with_fix(tmp_path: Path) -> None:
     model = build_cnn_onnx(tmp_path / "m.onnx", size=32)
     bad = tmp_path / "calib.npz"
     np.savez(bad, inputs=np.zeros((10, 48, 48, 3), np.float32))
-    proc = edgert("convert", str(model), "--out", str(tmp_path / "out"), "--calibration", str(bad),
-                  "--name", "x", "--formats", "onnx")
+    proc = edgert(
+        "convert",
+        str(model),
+        "--out",
+        str(tmp_path / "out"),
+        "--calibration",
+        str(bad),
+        "--name",
+        "x",
+        "--formats",
+        "onnx",
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "48" in proc.stderr and "32" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -131,17 +190,30 @@ def test_wrong_calibration_shape_fails_with_fix(tmp_path: Path) -> None:
 def test_unsupported_operator_fails_with_fix(tmp_path: Path) -> None:
     node = helper.make_node("FancyOp", ["input"], ["out"], domain="com.example")
     graph = helper.make_graph(
-        [node], "custom",
+        [node],
+        "custom",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 8, 3])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 8, 3])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     calib = tmp_path / "calib.npz"
     np.savez(calib, inputs=np.zeros((4, 8, 8, 3), np.float32))
-    proc = edgert("convert", str(path), "--out", str(tmp_path / "out"), "--calibration", str(calib),
-                  "--name", "x", "--formats", "onnx")
+    proc = edgert(
+        "convert",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--calibration",
+        str(calib),
+        "--name",
+        "x",
+        "--formats",
+        "onnx",
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "FancyOp" in proc.stderr
     assert not (tmp_path / "out").exists()
