@@ -241,6 +241,7 @@ def _onnx_int8(
             out_path=out,
             target=profile,
             threads=opts.threads,
+            preprocess=False,
         )
         report.setdefault("fallback", {"max_drop": opts.max_accuracy_drop, "kept_float": {}})
         report["fallback"]["kept_float"]["onnx"] = [{"name": n, "reason": r} for n, r in fb.kept_float]

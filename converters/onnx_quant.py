@@ -18,10 +18,11 @@ when it is complete and loads in ONNX Runtime, so a failure never leaves a half-
 Third-party errors become :class:`~edge_runtime.errors.ConversionError` (or
 :class:`~edge_runtime.errors.CalibrationError`) naming the problem and the fix.
 
-Measured on the reference machine (AMD EPYC, AVX-512 VNNI, 2 threads, ORT 1.31.1; block-
-interleaved medians, see :func:`converters.evaluate.compare_latency`): MobileNetV2 224 fp32
-~2.6-3.4 ms vs U8S8 per-channel QDQ ~1.3-1.6 ms (about 2x, 3.6x smaller); the 64x64 shapes CNN
-(15 M MACs) 0.20 ms in both precisions: it is too small for int8 to pay off.
+Measured on the reference machine (AMD EPYC, AVX-512 VNNI, 2 threads, ORT 1.31.1, edge
+runtime backend; :func:`converters.evaluate.compare_latency`, medians of 8 quiet rounds):
+MobileNetV2 224 fp32 2.66 ms vs U8S8 per-channel QDQ 1.29 ms (2.10x paired, 3.63x smaller);
+the 64x64 shapes CNN (15 M MACs) 0.19 ms in both precisions (0.99x; 3.59x smaller): it is too
+small for int8 to pay off.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def _staging(dest: Path) -> Iterator[Path]:
         for folder in created:  # innermost first
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """Run with ``path`` as the working directory (ORT's symbolic shape inference drops
+    ``sym_shape_infer_temp.onnx`` into the current directory when it fails)."""
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _commit(src: Path, dest: Path) -> None:
@@ -187,7 +200,7 @@ def prepare_onnx(fp32_path: Path, out: Path) -> tuple[Path, list[str]]:
     resort the model is used unchanged. Returns ``(out, notes)``; notes describe every fallback.
     Raises :class:`ConversionError` if ONNX Runtime cannot run the model at all.
     """
-    fp32_path, out = Path(fp32_path), Path(out)
+    fp32_path, out = Path(fp32_path).resolve(), Path(out).resolve()
     check_runnable(fp32_path)
     q = deps.ort_quantization()
     notes: list[str] = []
@@ -206,6 +219,7 @@ def prepare_onnx(fp32_path: Path, out: Path) -> tuple[Path, list[str]]:
                 with (
                     _capture_errors("onnxruntime.quantization.shape_inference") as cap,
                     warnings.catch_warnings(),
+                    _working_dir(tmp),
                 ):
                     warnings.simplefilter("ignore", DeprecationWarning)
                     q.quant_pre_process(str(fp32_path), str(candidate), **kwargs)

@@ -8,7 +8,7 @@ SQNR *drops*.
 
 :func:`rank_sensitivity` ranks the quantizable nodes by the damage each does **on its own**: a
 "switchable" copy of the fully quantized QDQ graph gets a boolean mask input and a
-``Where(mask[i], dequantized, float)`` after every DequantizeLinear, so one ONNX Runtime session
+``float + mask[i] * (dequantized - float)`` after every DequantizeLinear, so one ONNX Runtime session
 evaluates "only node X quantized" (its weights, its input and its output QDQ pairs on, all
 others off) for every node X; the score is the final-output SQNR against fp32 (lower = more
 damaging). Why this measure:
@@ -289,7 +289,7 @@ def per_layer_sqnr(
 class _Switchable:
     """A QDQ model whose quantization can be switched on per DequantizeLinear with a mask input.
 
-    Every DequantizeLinear output ``t`` becomes ``Where(mask[i], DQ(...), float_source)``: the
+    Every DequantizeLinear output ``t`` becomes ``float + mask[i] * (DQ(...) - float)``: the
     float source is the QuantizeLinear's input for activations, or the fp32 initializer for
     weights and biases. ``node_sites`` maps each quantized node to the mask indices of its
     weights, its activation inputs and its output QDQ pairs.
@@ -327,18 +327,22 @@ class _Switchable:
             site_of[out] = idx
             dq_out = f"{out}__edgert_dq"
             node.output[0] = dq_out
-            cond = f"{out}__edgert_on"
-            extra_inits.append(numpy_helper.from_array(np.array(idx, np.int64), f"{cond}_idx"))
-            new_nodes.append(
-                helper.make_node("Gather", [_MASK, f"{cond}_idx"], [cond], axis=0, name=f"{cond}_g")
-            )
-            new_nodes.append(
-                helper.make_node("Where", [cond, dq_out, float_src], [out], name=f"{out}__edgert_w")
-            )
+            on = f"{out}__edgert_on"
+            extra_inits.append(numpy_helper.from_array(np.array(idx, np.int64), f"{on}_idx"))
+            # out = float + on * (dq - float): exact float when off; ORT's Where with a scalar
+            # condition is ~20x slower than these three vectorized ops on a CNN.
+            new_nodes += [
+                helper.make_node("Gather", [_MASK, f"{on}_idx"], [on], axis=0, name=f"{on}_g"),
+                helper.make_node("Sub", [dq_out, float_src], [f"{out}__edgert_d"], name=f"{out}__edgert_s"),
+                helper.make_node(
+                    "Mul", [f"{out}__edgert_d", on], [f"{out}__edgert_m"], name=f"{out}__edgert_x"
+                ),
+                helper.make_node("Add", [float_src, f"{out}__edgert_m"], [out], name=f"{out}__edgert_a"),
+            ]
         del graph.node[:]
         graph.node.extend(new_nodes)
         graph.initializer.extend(extra_inits)
-        graph.input.append(helper.make_tensor_value_info(_MASK, onnx.TensorProto.BOOL, [len(site_of)]))
+        graph.input.append(helper.make_tensor_value_info(_MASK, onnx.TensorProto.FLOAT, [len(site_of)]))
         self.sites = len(site_of)
         consumers: dict[str, list[Any]] = {}  # on the original graph (DQ outputs not renamed)
         for n in qdq.graph.node:
@@ -367,12 +371,11 @@ class _Switchable:
                 self.op_types[node.name] = node.op_type
         self.input_name = input_name
         self.output_name = model.graph.output[0].name
-        self.session = _session(model.SerializeToString())
+        self.session = _session(model.SerializeToString(), threads=2)
 
     def run(self, mask: npt.NDArray[np.bool_], x: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
-        return _run_named(self.session, self.input_name, x, [self.output_name], {_MASK: mask})[
-            self.output_name
-        ]
+        on = mask.astype(np.float32)
+        return _run_named(self.session, self.input_name, x, [self.output_name], {_MASK: on})[self.output_name]
 
 
 def _rank(
@@ -466,6 +469,7 @@ def fallback_onnx(
     samples: int = 8,
     threads: int = 2,
     detection: DetectionTask | None = None,
+    preprocess: bool = True,
 ) -> FallbackResult:
     """Quantize with the fewest nodes kept float such that the accuracy drop is ``<= max_drop``.
 
@@ -476,7 +480,8 @@ def fallback_onnx(
     :func:`rank_sensitivity`'s order (1, 2, 4, ... nodes, then bisection), then, with trials
     left, each kept node is tried back in int8 (least damaging first) and stays int8 if the
     budget still holds. At most ``max_trials`` quantizations. The best model is written to
-    ``out_path``; ``met_budget`` says whether it meets the budget.
+    ``out_path``; ``met_budget`` says whether it meets the budget. ``preprocess=False`` when
+    ``fp32_path`` already is the output of :func:`~converters.onnx_quant.prepare_onnx`.
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if len(eval_set) == 0:
@@ -486,7 +491,10 @@ def fallback_onnx(
     if max_drop < 0:
         raise ConversionError(f"max_drop must be >= 0 (a fraction, 0.01 = 1 point), got {max_drop}")
     with _staging(out_path) as tmp:
-        prepared, notes = prepare_onnx(fp32_path, tmp / "prepared.onnx")
+        if preprocess:
+            prepared, notes = prepare_onnx(fp32_path, tmp / "prepared.onnx")
+        else:
+            prepared, notes = fp32_path, []
         ref = run_model(fp32_path, eval_set, threads)
         cache = tmp / "calibration.json"
         order = {n: i for i, n in enumerate(_node_names(prepared))}

@@ -19,10 +19,12 @@ jetson     Orin/Xavier CPU (SDOT) + TensorRT           S8S8 per-channel, symmetr
 =========  ==========================================  ==========================================
 
 Measured on the reference machine (AMD EPYC, AVX-512 VNNI, 2 threads, ORT 1.31.1),
-MobileNetV2 224: fp32 3.40 ms; ORT's default S8S8 QDQ 5.03 ms (slower than fp32: the s8s8
-path on x86 has no VNNI kernel and re-biases activations); U8S8 per-channel 1.56 ms; U8S8
-per-tensor 1.44 ms. Per-channel costs ~8 % over per-tensor but keeps depthwise convolutions
-exact, so it is the default everywhere.
+MobileNetV2 224: fp32 3.40 ms; ORT's default S8S8 QDQ 5.03 ms; U8S8 per-channel 1.56 ms; U8S8
+per-tensor 1.44 ms. Re-measured with :func:`converters.evaluate.compare_latency` (8 quiet
+rounds, paired medians): fp32 2.66 ms, S8S8 per-channel 2.77 ms (0.98x), U8S8 per-channel
+1.29 ms (2.10x), U8S8 per-tensor 1.20 ms (2.19x). ORT's x86 int8 kernels are built around
+u8 x s8 products (VPMADDUBSW / VPDPBUSD), so S8S8 gains nothing there. Per-channel costs ~4-8 %
+over per-tensor but keeps depthwise convolutions exact, so it is the default everywhere.
 
 ``auto`` reads the conversion host's CPU flags (:func:`edge_runtime.doctor.cpu_features`):
 use it when converting on (or for) a machine like the one running the conversion.
@@ -44,6 +46,7 @@ from edge_runtime.errors import ConversionError
 
 __all__ = [
     "MIN_INT8_MACS",
+    "NARROW_CHANNELS",
     "TARGETS",
     "ModelCost",
     "TargetName",
@@ -60,8 +63,17 @@ TARGETS: tuple[str, ...] = ("auto", "x86", "x86-vnni", "rpi4", "rpi5", "jetson")
 
 MIN_INT8_MACS = 100_000_000
 """Below this many multiply-accumulates per inference, fixed per-operator costs dominate and
-int8 rarely reaches 2x over fp32 (measured: the 15 MMAC shapes CNN gains nothing; the 300 MMAC
-MobileNetV2 gains ~2x; see the report in converters/onnx_quant.py)."""
+int8 rarely reaches 2x over fp32 on x86 with ONNX Runtime. Measured with 2 threads (paired
+medians): shapes CNN 64x64, 15 M MACs: 1.0x; MobileNetV2 width 0.35-0.5 at 96-160 px, 12-50 M:
+1.15-1.33x; width 1.0 at 128/160/224 px, 99/154/300 M: 1.89x/1.91x/2.10x."""
+
+NARROW_CHANNELS = 64
+"""Convolutions with fewer output channels gain little from int8 kernels: quantize/requantize
+and data movement cost as much as the arithmetic saves (measured: the shapes CNN architecture,
+16-96 channels, scaled to 224x224 and 181 M MACs: 0.93x; doubled to 32-192 channels: 1.7-2.0x)."""
+
+NARROW_SHARE = 0.4
+"""Warn when more than this share of the MACs is in narrow convolutions."""
 
 _ARM = ("aarch64", "arm64", "armv7l", "armv8l")
 
@@ -101,8 +113,8 @@ def _x86_vnni() -> TargetProfile:
         int8_fast=True,
         isa=("x86_64", "avx512_vnni"),
         notes=(
-            "ORT fuses U8S8 QDQ into QLinearConv/QGemm using VNNI (vpdpbusd); S8S8 has no VNNI "
-            "kernel on x86 and measured slower than fp32 (MobileNetV2: 5.03 ms vs 3.40 ms)",
+            "ORT fuses U8S8 QDQ into QLinearConv/QGemm using VNNI (vpdpbusd); S8S8 measured no "
+            "faster than fp32 here (MobileNetV2: 0.98x, and 5.03 ms vs 3.40 ms in an earlier run)",
         ),
     )
 
@@ -209,6 +221,8 @@ class ModelCost:
     """Conv/Gemm/MatMul nodes."""
     unknown_shapes: int
     """Heavy nodes whose output shape could not be inferred (their MACs are missing)."""
+    narrow_macs: int = 0
+    """MACs in convolutions with fewer than :data:`NARROW_CHANNELS` output channels."""
 
 
 def _dims(value_info: Any) -> list[int] | None:
@@ -236,7 +250,7 @@ def estimate_onnx_cost(model: Path) -> ModelCost:
         shapes[vi.name] = _dims(vi)
     inits = {i.name: list(i.dims) for i in inferred.graph.initializer}
     params = sum(int(_prod(d)) for d in inits.values())
-    macs = heavy = unknown = 0
+    macs = heavy = unknown = narrow = 0
     for node in inferred.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
@@ -250,7 +264,9 @@ def estimate_onnx_cost(model: Path) -> ModelCost:
             unknown += 1
             continue
         if node.op_type == "Conv":
-            macs += _prod(out) * _prod(w[1:])  # weights (Cout, Cin/group, kh, kw)
+            n = _prod(out) * _prod(w[1:])  # weights (Cout, Cin/group, kh, kw)
+            macs += n
+            narrow += n if int(w[0]) < NARROW_CHANNELS else 0
         elif node.op_type == "ConvTranspose":
             assert inp is not None
             macs += _prod(inp) * _prod(w[1:])  # weights (Cin, Cout/group, kh, kw)
@@ -259,7 +275,7 @@ def estimate_onnx_cost(model: Path) -> ModelCost:
             macs += _prod(out) * int(w[1] if trans_b else w[0])
         else:
             macs += _prod(out) * int(w[-2] if len(w) >= 2 else w[0])
-    return ModelCost(macs, params, len(inferred.graph.node), heavy, unknown)
+    return ModelCost(macs, params, len(inferred.graph.node), heavy, unknown, narrow)
 
 
 def _prod(values: Any) -> int:
@@ -290,7 +306,7 @@ def preflight(target: TargetProfile | str, model: Path, options: QuantOptions | 
     if profile.name.startswith("x86") and opts.activation == "int8":
         warnings.append(
             "int8 activations (S8S8) on x86: ONNX Runtime has no VNNI kernel for them and was "
-            "measured slower than fp32 (MobileNetV2 5.03 ms vs 3.40 ms) - use uint8 activations"
+            "measured no faster than fp32 (MobileNetV2: 0.98x; U8S8 2.1x) - use uint8 activations"
         )
     if (
         profile.name == "x86"
@@ -317,6 +333,12 @@ def preflight(target: TargetProfile | str, model: Path, options: QuantOptions | 
                     f"{model.name} does only {cost.macs / 1e6:.1f} M multiply-accumulates per inference "
                     f"(< {MIN_INT8_MACS / 1e6:.0f} M): fixed per-operator costs dominate, so int8 is "
                     "unlikely to be 2x faster than fp32; it still makes the file ~4x smaller"
+                )
+            elif cost.macs and cost.narrow_macs / cost.macs > NARROW_SHARE:
+                warnings.append(
+                    f"{100 * cost.narrow_macs / cost.macs:.0f} % of {model.name}'s multiply-accumulates "
+                    f"are in convolutions with fewer than {NARROW_CHANNELS} output channels, where int8 "
+                    "kernels gain little: int8 is unlikely to be 2x faster than fp32"
                 )
     for w in warnings:
         log.warning("preflight: %s", w)

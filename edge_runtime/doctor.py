@@ -35,7 +35,7 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
         key = key.strip().lower()
         if key in ("flags", "features"):
             flags.update(value.split())
-        elif key in ("model name", "hardware", "model") and not model:
+        elif key in ("model name", "hardware") and not model:
             model = value.strip()
     wanted = _ARM_FLAGS if platform.machine().lower() in ("aarch64", "arm64", "armv7l") else _X86_FLAGS
     found = {f: f in flags for f in wanted}

@@ -144,11 +144,25 @@ def test_preflight_warnings(tmp_path: Path) -> None:
     x86 = preflight("x86", DEMO_ONNX)
     assert any("no int8 dot-product instructions" in w for w in x86)
     s8 = preflight(VNNI, DEMO_ONNX, dataclasses.replace(VNNI.options, activation="int8"))
-    assert any("S8S8" in w and "slower than fp32" in w for w in s8)
+    assert any("S8S8" in w and "no faster than fp32" in w for w in s8)
     sat = preflight("x86", DEMO_ONNX, dataclasses.replace(resolve_target("x86").options, reduce_range=False))
     assert any("saturate" in w for w in sat)
     no_compute = preflight(VNNI, build_sensor_onnx(tmp_path / "energy.onnx"))
     assert any("no Conv/Gemm/MatMul" in w for w in no_compute)
+    assert cost.narrow_macs == 64 * 64 * 16 * 27 + 32 * 32 * 32 * 144  # the 16- and 32-channel convs
+    # 302 M MACs, all in a 32-channel conv: enough work, but too narrow for int8 to pay off.
+    w = numpy_helper.from_array(np.zeros((32, 16, 3, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        "narrow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 256, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 256, 256])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "n.onnx"))
+    narrow = preflight(VNNI, tmp_path / "n.onnx")
+    assert estimate_onnx_cost(tmp_path / "n.onnx").macs == 256 * 256 * 32 * 144
+    assert len(narrow) == 1 and "100 % of n.onnx's multiply-accumulates" in narrow[0]
 
 
 # --------------------------------------------------------------------------- int8 on the trained model
@@ -303,8 +317,17 @@ def test_fallback_that_cannot_meet_the_budget_keeps_the_best(
     model = _hostile(tmp_path / "hostile.onnx")
     unlabelled = CalibrationSet(held_out.inputs[:120])
     out = tmp_path / "best.onnx"
+    prepared, _ = prepare_onnx(model, tmp_path / "prepared.onnx")
     result = fallback_onnx(
-        model, calib, unlabelled, VNNI.options, 0.0, out_path=out, target=VNNI, max_trials=2
+        prepared,
+        calib,
+        unlabelled,
+        VNNI.options,
+        0.0,
+        out_path=out,
+        target=VNNI,
+        max_trials=2,
+        preprocess=False,
     )
     assert not result.met_budget
     assert result.metric == "1 - top-1 agreement"
@@ -364,9 +387,13 @@ def _dim_conflict(path: Path) -> Path:
     return path
 
 
-def test_prepare_falls_back_and_says_so(tmp_path: Path) -> None:
+def test_prepare_falls_back_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _dim_conflict(tmp_path / "conflict.onnx")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # ORT's failing symbolic inference writes a temp model into the cwd
     out, notes = prepare_onnx(src, tmp_path / "prepared.onnx")
+    assert list(cwd.iterdir()) == []
     assert out.is_file()
     assert any("full (symbolic shape inference + optimization) failed" in n for n in notes), notes
     assert any("without symbolic shape inference" in n for n in notes), notes
@@ -375,7 +402,7 @@ def test_prepare_falls_back_and_says_so(tmp_path: Path) -> None:
     y_src = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})[0]
     y_out = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})[0]
     np.testing.assert_allclose(y_out, y_src)
-    assert _leftovers(tmp_path, {"conflict.onnx", "prepared.onnx"}) == []
+    assert _leftovers(tmp_path, {"conflict.onnx", "prepared.onnx", "cwd"}) == []
 
 
 def test_unsupported_operator_is_a_clear_error(
