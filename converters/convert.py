@@ -326,6 +326,12 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     from converters.targets import preflight, resolve_target
 
     out = opts.out
+    if opts.max_accuracy_drop is not None and not 0.0 <= opts.max_accuracy_drop < 1.0:
+        raise ConversionError(
+            f"--max-accuracy-drop {opts.max_accuracy_drop}: give a fraction between 0 and 1 "
+            "(0.01 = 1 point of top-1)"
+        )
+    parse_prune(opts.prune)
     if out.exists() and not opts.overwrite:
         raise ConversionError(f"{out} already exists; remove it or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)

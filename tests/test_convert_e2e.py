@@ -217,3 +217,50 @@ def test_unsupported_operator_fails_with_fix(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "FancyOp" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_accuracy_budget_is_reported_for_both_formats(digits: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = edgert(
+        "convert",
+        str(digits["model"]),
+        "--out",
+        str(out),
+        "--calibration",
+        str(digits["base"] / "calib"),
+        "--eval",
+        str(digits["base"] / "eval"),
+        "--labels",
+        str(digits["labels"]),
+        "--name",
+        "digits",
+        "--max-accuracy-drop",
+        "0.02",
+        "--eval-count",
+        "300",
+        "--calibration-count",
+        "100",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    fallback = report["fallback"]
+    assert fallback["max_drop"] == 0.02
+    assert fallback["onnx"]["met_budget"] and fallback["tflite"]["met_budget"]
+    assert set(fallback["kept_float"]) == {"onnx", "tflite"}
+    assert report["status"]["ok"] is True
+    # A negative budget is refused before any work, naming the option.
+    worse = tmp_path / "worse"
+    proc = edgert(
+        "convert",
+        str(digits["model"]),
+        "--out",
+        str(worse),
+        "--calibration",
+        str(digits["base"] / "calib"),
+        "--name",
+        "digits",
+        "--max-accuracy-drop",
+        "-0.5",
+    )
+    assert proc.returncode == 1 and "--max-accuracy-drop" in proc.stderr
+    assert not worse.exists()
