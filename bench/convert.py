@@ -3,7 +3,7 @@
 Run from the repository root with a Python that has the conversion toolchain
 (tensorflow-cpu, keras, tf2onnx, onnx, onnxruntime, ai-edge-litert)::
 
-    PYTHONPATH=. /tmp/v2/bin/python bench/convert.py [--json out.json] [--threads 2] [--runs 200] [--calls 5]
+    .venv/bin/python bench/convert.py [--json out.json] [--threads 2] [--runs 200] [--calls 5]
 
 Every figure comes from :func:`converters.convert.convert` (``target="auto"``) on real model
 files, measured at the same thread count for both runtimes (ONNX Runtime and LiteRT, 2 threads

@@ -32,7 +32,7 @@ parameters, random weights; see :mod:`bench.models`), wrapped in a real bundle:
    model load, self-test included) until its first JSON line on stdout, and the peak RSS of
    that process (``wait4`` rusage of that one child).
 
-With ``--tf-python /tmp/v2/bin/python`` (a Python with tensorflow-cpu + keras) a Keras
+With ``--tf-python PATH`` (a Python with tensorflow-cpu + keras) a Keras
 MobileNetV2 ``.tflite`` is built once (cached) and figures 1-2 are repeated for LiteRT (bare
 loop: ``invoke()`` on an input set once); a cached ``.tflite`` is used without that flag.
 
@@ -46,6 +46,7 @@ rounds free of outside load when there are at least 3. No absolute time is asser
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -832,13 +833,16 @@ def _litert(cfg: BenchConfig, video: Path, quiet: QuietWait) -> dict[str, Any]:
         return {"skipped": "disabled (--no-litert)"}
     cached = cfg.build_dir / f"keras_{cfg.model.tag}.tflite"
     if not cached.is_file():
-        if cfg.tf_python is None:
+        tf_python = cfg.tf_python
+        if tf_python is None and importlib.util.find_spec("tensorflow") is not None:
+            tf_python = Path(sys.executable)  # make test/make bench venvs carry the convert extra
+        if tf_python is None:
             return {
-                "skipped": "no .tflite cached; pass --tf-python /tmp/v2/bin/python (tensorflow-cpu "
+                "skipped": "no .tflite cached; pass --tf-python PATH (a Python with tensorflow-cpu "
                 "+ keras) to build Keras' MobileNetV2 once"
             }
         try:
-            cached = build_mobilenet_v2_tflite(cfg.tf_python, cfg.model, cfg.build_dir)
+            cached = build_mobilenet_v2_tflite(tf_python, cfg.model, cfg.build_dir)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             return {"skipped": f"building the .tflite failed: {exc}"}
     bundle = ensure_bundle(cached, size=cfg.model.size, build_dir=cfg.build_dir, threads=cfg.threads)
