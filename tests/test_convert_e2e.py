@@ -30,6 +30,14 @@ def edgert(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]
     )
 
 
+def convert_digits(digits: dict[str, Any], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`edgert convert` of the digits model with its calibration, evaluation data and labels."""
+    return edgert(
+        "convert", str(digits["model"]), "--out", str(out), "--calibration", str(digits["base"] / "calib"),
+        "--eval", str(digits["base"] / "eval"), "--labels", str(digits["labels"]), "--name", "digits", *extra,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """scikit-learn's digits as labelled 32x32 BGR image folders, and a small Keras CNN trained on them."""
@@ -87,19 +95,9 @@ def test_convert_keras_to_signed_int8_bundle_that_the_daemon_runs(
 ) -> None:
     out = tmp_path / "out"
     packed = tmp_path / "digits.edgebundle"
-    proc = edgert(
-        "convert",
-        str(digits["model"]),
-        "--out",
-        str(out),
-        "--calibration",
-        str(digits["base"] / "calib"),
-        "--eval",
-        str(digits["base"] / "eval"),
-        "--labels",
-        str(digits["labels"]),
-        "--name",
-        "digits",
+    proc = convert_digits(
+        digits,
+        out,
         "--version",
         "2.1.0",
         "--sign-key",
@@ -221,19 +219,9 @@ def test_unsupported_operator_fails_with_fix(tmp_path: Path) -> None:
 
 def test_accuracy_budget_is_reported_for_both_formats(digits: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = edgert(
-        "convert",
-        str(digits["model"]),
-        "--out",
-        str(out),
-        "--calibration",
-        str(digits["base"] / "calib"),
-        "--eval",
-        str(digits["base"] / "eval"),
-        "--labels",
-        str(digits["labels"]),
-        "--name",
-        "digits",
+    proc = convert_digits(
+        digits,
+        out,
         "--max-accuracy-drop",
         "0.02",
         "--eval-count",
