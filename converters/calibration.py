@@ -34,6 +34,7 @@ import numpy.typing as npt
 from converters.types import CalibrationSet
 from edge_runtime.errors import CalibrationError, EdgeRuntimeError, PreprocessError, SourceError
 from edge_runtime.preprocess_spec import ImagePreprocess, PreprocessSpec, TensorPreprocess
+from edge_runtime.sources.images import read_image
 from edge_runtime.types import TensorSpec
 
 __all__ = [
@@ -186,23 +187,6 @@ def _check_count(count: int | None) -> None:
 # --------------------------------------------------------------------------- image folders
 
 
-def _decode(path: Path) -> npt.NDArray[np.uint8] | None:
-    """One image as 3-channel BGR uint8 (like the device's image folder source); None if unreadable."""
-    import cv2
-
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        return None
-    if raw.size == 0:
-        return None
-    try:
-        image = cv2.imdecode(raw, cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
-    return None if image is None else np.asarray(image, np.uint8)
-
-
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -287,7 +271,7 @@ def calibration_from_images(
     for path in order:
         if len(frames) == want:
             break
-        image = _decode(path)
+        image = read_image(path)
         if image is None:
             unreadable.append(path.name)
             continue

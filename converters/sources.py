@@ -565,7 +565,7 @@ def canonical_constant_names(graph: Any) -> None:
     """Rename tf2onnx's generated constants (``const_*``) after their first consumer, sorted.
 
     tf2onnx numbers folded constants in an order that varies from run to run; naming them after
-    the node that uses them keeps the file stable (the same approach as ``models/export.py``).
+    the node that uses them keeps the file stable (``models/export.py`` uses it too).
     """
     rename: dict[str, str] = {}
     generated = {i.name for i in graph.initializer if i.name.startswith("const_")}

@@ -82,32 +82,13 @@ def export_onnx(
             node.output[:] = [output_name if o == old else o for o in node.output]
             node.input[:] = [output_name if i == old else i for i in node.input]
         proto.graph.output[0].name = output_name
-    _canonical_constant_names(proto.graph)
+    from converters.sources import canonical_constant_names
+
+    canonical_constant_names(proto.graph)
     proto.producer_name = "edge-runtime models recipe (tf2onnx)"
     onnx.checker.check_model(proto)
     path.write_bytes(proto.SerializeToString())
     return route
-
-
-def _canonical_constant_names(graph: Any) -> None:
-    """Rename tf2onnx's generated constants (``const_*``) after their first consumer, sorted.
-
-    tf2onnx numbers folded/merged constants in an order that varies from run to run; naming
-    them after the node that uses them makes the file reproducible byte for byte.
-    """
-    rename: dict[str, str] = {}
-    generated = {i.name for i in graph.initializer if i.name.startswith("const_")}
-    for node in graph.node:
-        for idx, name in enumerate(node.input):
-            if name in generated and name not in rename:
-                rename[name] = f"{node.name}/input{idx}"
-    for node in graph.node:
-        node.input[:] = [rename.get(n, n) for n in node.input]
-    inits = sorted(graph.initializer, key=lambda t: rename.get(t.name, t.name))
-    for t in inits:
-        t.name = rename.get(t.name, t.name)
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 def export_tflite(model: Any, path: Path, input_shape: tuple[int, ...], input_name: str) -> str:

@@ -25,7 +25,7 @@ _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".
 
 def _images(folder: Path, count: int) -> list[npt.NDArray[Any]]:
     """Up to ``count`` images from ``folder`` and its labelled subfolders, spread over classes."""
-    import cv2
+    from edge_runtime.sources.images import read_image
 
     groups = [sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)]
     groups += [
@@ -38,7 +38,7 @@ def _images(folder: Path, count: int) -> list[npt.NDArray[Any]]:
     for i in range(max((len(g) for g in groups), default=0)):
         for group in groups:
             if i < len(group) and len(frames) < count:
-                image = cv2.imread(str(group[i]), cv2.IMREAD_COLOR)
+                image = read_image(group[i])
                 if image is not None:
                     frames.append(image)
     return frames

@@ -16,7 +16,7 @@ from edge_runtime.errors import SourceError
 from edge_runtime.sources.specs import SourceSpec
 from edge_runtime.types import Frame
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderSource"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderSource", "read_image"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _natural_key(path: Path) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in parts)
 
 
-def _load(path: Path) -> npt.NDArray[np.uint8] | None:
+def read_image(path: Path) -> npt.NDArray[np.uint8] | None:
     """Decode one image as 3-channel BGR uint8; None if unreadable (works with any path text)."""
     try:
         raw = np.fromfile(path, dtype=np.uint8)
@@ -114,7 +114,7 @@ class ImageFolderSource:
                     self._good_in_pass = 0
                 path = self.files[self._pos]
                 self._pos += 1
-                image = _load(path)
+                image = read_image(path)
                 if image is None:
                     self.skipped += 1
                     log.warning(
