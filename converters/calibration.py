@@ -327,6 +327,7 @@ def calibration_from_arrays(
     want = _sample_shape(spec_f32)
     rng = np.random.default_rng(seed)
     labels: npt.NDArray[Any] | None = None
+    box_rows: npt.NDArray[Any] | None = None
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -344,6 +345,7 @@ def calibration_from_arrays(
             inputs = data[in_key] if in_key else None
             frames = data["frames"] if "frames" in data.files else None
             labels = data[lab_key] if lab_key else None
+            box_rows = data["boxes"] if "boxes" in data.files else None
             keys = list(data.files)
         if inputs is None and frames is None:
             raise CalibrationError(
@@ -363,9 +365,12 @@ def calibration_from_arrays(
     idx = _pick(n, count, rng)
     lab = None if labels is None else labels[idx].astype(np.int64)
     desc = f"{len(idx)} samples from {path.name} (seed {seed})"
+    boxes = None if box_rows is None else _boxes_per_sample(box_rows, n, idx, path.name)
     if inputs is None:
         assert frames is not None
-        return calibration_from_frames(frames[idx], spec, spec_f32, labels=lab, description=desc)
+        made = calibration_from_frames(frames[idx], spec, spec_f32, labels=lab, description=desc)
+        made.boxes = boxes
+        return made
     arr = np.asarray(inputs)
     if arr.ndim == len(want) + 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -385,7 +390,29 @@ def calibration_from_arrays(
         )
     out = np.ascontiguousarray(arr[idx], dtype=np.float32)
     _check_finite(out, path.name)
-    return CalibrationSet(out, lab, desc)
+    return CalibrationSet(out, lab, desc, boxes)
+
+
+def _boxes_per_sample(
+    rows: npt.NDArray[Any], n: int, idx: npt.NDArray[Any], name: str
+) -> list[npt.NDArray[np.float64]]:
+    """Detector ground truth: ``boxes`` rows ``sample, class, x1, y1, x2, y2`` -> per picked sample."""
+    arr = np.asarray(rows)
+    if arr.ndim != 2 or arr.shape[1] != 6 or not np.issubdtype(arr.dtype, np.number):
+        raise CalibrationError(
+            f"{name}: 'boxes' has shape {list(arr.shape)} and dtype {arr.dtype}; give numeric rows "
+            "'sample, class, x1, y1, x2, y2' (model-input pixels), shape (M, 6)"
+        )
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise CalibrationError(f"{name}: 'boxes' holds NaN or infinite values")
+    sample = arr[:, 0]
+    if len(arr) and (sample.min() < 0 or sample.max() >= n or not np.all(sample == np.round(sample))):
+        raise CalibrationError(
+            f"{name}: 'boxes' column 0 must be a sample index in 0..{n - 1}; "
+            f"found {sample.min():g}..{sample.max():g}"
+        )
+    return [arr[sample == i][:, 1:] for i in np.asarray(idx)]
 
 
 # --------------------------------------------------------------------------- sensor files
@@ -514,7 +541,8 @@ def split_calibration(
     parts = []
     for name, sel in (("calibration", idx[n_eval:]), ("evaluation", idx[:n_eval])):
         lab = None if data.labels is None else data.labels[sel]
+        boxes = None if data.boxes is None else [data.boxes[i] for i in sel]
         parts.append(
-            CalibrationSet(data.inputs[sel], lab, f"{name} split ({len(sel)}) of {data.description}")
+            CalibrationSet(data.inputs[sel], lab, f"{name} split ({len(sel)}) of {data.description}", boxes)
         )
     return parts[0], parts[1]

@@ -17,12 +17,13 @@ be met the best result is still written, the report says why, and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,8 @@ class ConvertOptions:
     target: str = "auto"
     formats: Sequence[Literal["onnx", "tflite"]] = ("onnx", "tflite")
     max_accuracy_drop: float | None = None
+    keep_float: Sequence[str] = ()
+    float_input_ops: Literal["auto", "float", "int8"] = "auto"
     prune: str | None = None
     finetune_data: Path | None = None
     finetune_epochs: int = 3
@@ -215,6 +218,86 @@ def _as_artifact(made: Artifact | Skipped, skipped: list[Skipped]) -> Artifact |
     return made
 
 
+def _detection_task(opts: ConvertOptions, evals: CalibrationSet) -> Any:
+    """mAP@0.5 scoring when the evaluation data holds detector ground truth (``boxes``)."""
+    if evals.boxes is None:
+        return None
+    from converters.evaluate import DetectionTask
+    from edge_runtime.decoders import make_decoder
+    from edge_runtime.decoders.specs import SSDSpec, YoloSpec
+
+    if not isinstance(opts.decoder, (YoloSpec, SSDSpec)):
+        raise ConversionError(
+            f"the evaluation data holds detector ground truth ('boxes') but the decoder is "
+            f"{opts.decoder.kind!r}; pass --task detection with --decoder yolo or ssd"
+        )
+    decoder = make_decoder(opts.decoder, list(opts.labels))
+    seen = [int(b[:, 0].max()) + 1 for b in evals.boxes if len(b)]
+    classes = max([len(opts.labels), *seen])
+    return DetectionTask(evals.boxes, classes, lambda outs: decoder.decode(outs, None))
+
+
+def _keep_float_names(
+    opts: ConvertOptions, fmt: Literal["onnx", "tflite"], names: Sequence[str], report: dict[str, Any]
+) -> list[str]:
+    from converters.keep_float import keep_float_names
+
+    kept = keep_float_names(opts.keep_float, fmt, names, opts.formats)
+    report.setdefault("keep_float", {})[fmt] = list(kept)
+    return kept
+
+
+def _check_keep_float(opts: ConvertOptions, report: dict[str, Any]) -> None:
+    """A bare ``--keep-float`` name must have matched an op in at least one format."""
+    matched = {n for names in report.get("keep_float", {}).values() for n in names}
+    for entry in opts.keep_float:
+        prefix, sep, _ = entry.partition(":")
+        if not (sep and prefix in ("onnx", "tflite")) and entry not in matched:
+            raise ConversionError(
+                f"--keep-float {entry!r} names no op of the ONNX or TFLite model; see report.json "
+                "'per_layer' for the names"
+            )
+
+
+def _faster_of(
+    opts: ConvertOptions,
+    plain: Artifact,
+    make_alternative: Callable[[Path], Artifact],
+    input_ops: Sequence[str],
+    evals: CalibrationSet,
+    report: dict[str, Any],
+) -> Artifact:
+    """``--float-input-ops auto``: keep the input ops float when that is >= 10 % faster on this host."""
+    from converters.evaluate import compare_latency, paired_speedup
+
+    path = plain.path.with_name(f"{plain.path.stem}_float_input{plain.path.suffix}")
+    alt = make_alternative(path)
+    lat = compare_latency(
+        [plain.path, alt.path], opts.threads, max(30, opts.latency_runs), sample=evals.inputs[:1]
+    )
+    gain = paired_speedup(lat[0], lat[1])
+    chosen = gain >= 1.1
+    entry = {
+        "ops": list(input_ops),
+        "speedup_float_vs_int8": round(gain, 3),
+        "kept_float": chosen,
+        "threads": opts.threads,
+        "note": "measured on the conversion host; --float-input-ops float|int8 decides for another CPU",
+    }
+    report.setdefault("float_input_ops", {})[plain.format] = entry
+    log.info(
+        "%s: %d input op(s) float is %.2fx the speed of int8: %s",
+        plain.format, len(input_ops), gain, "kept float" if chosen else "left int8",
+    )  # fmt: skip
+    if not chosen:
+        path.unlink(missing_ok=True)
+        return plain
+    path.replace(plain.path)
+    alt.path = plain.path
+    alt.notes.append(f"input ops kept float ({gain:.2f}x faster than int8 on the conversion host)")
+    return alt
+
+
 def _onnx_int8(
     opts: ConvertOptions,
     fp32: Path,
@@ -223,7 +306,9 @@ def _onnx_int8(
     evals: CalibrationSet,
     profile: Any,
     report: dict[str, Any],
+    detection: Any = None,
 ) -> tuple[Artifact, bool]:
+    from converters.keep_float import onnx_input_ops, onnx_node_names
     from converters.onnx_quant import prepare_onnx, quantize_onnx
     from converters.sensitivity_onnx import fallback_onnx, per_layer_sqnr
 
@@ -231,16 +316,25 @@ def _onnx_int8(
     report.setdefault("notes", []).extend(f"onnx pre-processing: {n}" for n in notes)
     out = stage / "model_int8.onnx"
     met = True
+    names = onnx_node_names(prepared)
+    kept = _keep_float_names(opts, "onnx", names, report)
+    input_ops = [n for n in onnx_input_ops(prepared) if n not in kept]
+    if opts.float_input_ops == "float":
+        kept += input_ops
+    options = dataclasses.replace(
+        profile.options, exclude=tuple(dict.fromkeys([*profile.options.exclude, *kept]))
+    )
     if opts.max_accuracy_drop is not None:
         fb = fallback_onnx(
             prepared,
             calib,
             evals,
-            profile.options,
+            options,
             opts.max_accuracy_drop,
             out_path=out,
             target=profile,
             threads=opts.threads,
+            detection=detection,
             preprocess=False,
         )
         report.setdefault("fallback", {"max_drop": opts.max_accuracy_drop, "kept_float": {}})
@@ -248,7 +342,14 @@ def _onnx_int8(
         report["fallback"]["onnx"] = fb.to_dict()
         artifact, met = fb.artifact, fb.met_budget
     else:
-        artifact = quantize_onnx(prepared, out, calib, profile.options, target=profile, preprocess=False)
+        artifact = quantize_onnx(prepared, out, calib, options, target=profile, preprocess=False)
+        if opts.float_input_ops == "auto" and input_ops:
+
+            def alternative(path: Path) -> Artifact:
+                alt = dataclasses.replace(options, exclude=(*options.exclude, *input_ops))
+                return quantize_onnx(prepared, path, calib, alt, target=profile, preprocess=False)
+
+            artifact = _faster_of(opts, artifact, alternative, input_ops, evals, report)
     layers = per_layer_sqnr(prepared, artifact.path, calib)
     report.setdefault("per_layer", {})["onnx"] = [x.to_dict() for x in layers]
     return artifact, met
@@ -262,19 +363,36 @@ def _tflite_int8(
     evals: CalibrationSet,
     report: dict[str, Any],
 ) -> tuple[Artifact, bool]:
+    from converters.keep_float import tflite_input_ops
     from converters.sensitivity_tflite import fallback_tflite, layer_errors
-    from converters.tflite_quant import quantize_tflite
+    from converters.tflite_quant import quantize_tflite, tflite_ops
 
     out = stage / "model_int8.tflite"
     met = True
+    names = [op.name for op in tflite_ops(source.float_tflite_bytes())]
+    kept = _keep_float_names(opts, "tflite", names, report)
+    input_ops = [n for n in tflite_input_ops(source) if n not in kept]
+    if opts.float_input_ops == "float":
+        kept += input_ops
     if opts.max_accuracy_drop is not None:
+        if kept:
+            report.setdefault("notes", []).append(
+                "tflite: --keep-float is not combined with --max-accuracy-drop; the fallback search chose "
+                "the float ops"
+            )
         fb = fallback_tflite(source, calib, evals, opts.max_accuracy_drop, out, threads=opts.threads)
         report.setdefault("fallback", {"max_drop": opts.max_accuracy_drop, "kept_float": {}})
         report["fallback"]["kept_float"]["tflite"] = [{"name": n, "reason": r} for n, r in fb.kept_float]
         report["fallback"]["tflite"] = {"achieved_drop": fb.achieved_drop, "met_budget": fb.met}
         artifact, met = fb.artifact, fb.met
     else:
-        artifact = quantize_tflite(source, out, calib)
+        artifact = quantize_tflite(source, out, calib, denylist=tuple(kept))
+        if opts.float_input_ops == "auto" and input_ops:
+
+            def alternative(path: Path) -> Artifact:
+                return quantize_tflite(source, path, calib, denylist=(*kept, *input_ops))
+
+            artifact = _faster_of(opts, artifact, alternative, input_ops, evals, report)
     errors = sorted(layer_errors(source, calib), key=lambda e: e.position)
     report.setdefault("per_layer", {})["tflite"] = [
         {"name": e.name, "op_type": e.op, "sqnr_db": round(e.sqnr_db, 2), "detail": e.describe()}
@@ -288,14 +406,23 @@ def _measure(
     pairs: list[tuple[Artifact, Artifact]],
     evals: CalibrationSet,
     report: dict[str, Any],
+    detection: Any = None,
 ) -> None:
     """Metric, agreement, size and interleaved latency of every fp32/int8 pair."""
     from converters.evaluate import compare_latency, evaluate, paired_speedup
 
     rows = report.setdefault("artifacts", [])
+    metric: Literal["top1", "map50"] = "map50" if detection is not None else "top1"
     for ref, art in pairs:
-        ref_eval = evaluate(ref.path, evals, threads=opts.threads)
-        q_eval = evaluate(art.path, evals, reference=ref_eval.outputs, threads=opts.threads)
+        ref_eval = evaluate(ref.path, evals, threads=opts.threads, metric=metric, detection=detection)
+        q_eval = evaluate(
+            art.path,
+            evals,
+            reference=ref_eval.outputs,
+            threads=opts.threads,
+            metric=metric,
+            detection=detection,
+        )
         lat = compare_latency([ref.path, art.path], opts.threads, opts.latency_runs, sample=evals.inputs[:1])
         speedup = paired_speedup(lat[0], lat[1])
         for a, ev, stats, is_ref in ((ref, ref_eval, lat[0], True), (art, q_eval, lat[1], False)):
@@ -352,10 +479,12 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         }
         steps("calibration and evaluation data (device preprocessing)")
         calib, evals = _load_data(opts, source)
+        detection = _detection_task(opts, evals)
         report["calibration"] = {
             "samples": len(calib),
             "eval_samples": len(evals),
             "labelled_eval": evals.labels is not None,
+            "detection_ground_truth": detection is not None,
             "description": calib.description,
         }
         steps("pruning" if opts.prune else "no pruning requested")
@@ -392,7 +521,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         pairs: list[tuple[Artifact, Artifact]] = []
         steps("int8 ONNX (QDQ)" + (" with accuracy-aware fallback" if opts.max_accuracy_drop else ""))
         if "onnx" in fp32:
-            art, met = _onnx_int8(opts, fp32["onnx"].path, stage, calib, evals, profile, report)
+            art, met = _onnx_int8(opts, fp32["onnx"].path, stage, calib, evals, profile, report, detection)
             pairs.append((fp32["onnx"], art))
             met_all &= met
         steps("int8 TFLite" + (" with accuracy-aware fallback" if opts.max_accuracy_drop else ""))
@@ -402,8 +531,9 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             met_all &= met
         elif "tflite" in opts.formats:
             skipped.append(Skipped("tflite", "int8", "no fp32 TFLite reference (see above)"))
+        _check_keep_float(opts, report)
         steps("accuracy, agreement, latency and size")
-        _measure(opts, pairs, evals, report)
+        _measure(opts, pairs, evals, report, detection)
         for ref, art in pairs:
             artifacts += [ref, art]
         report["skipped"] = [vars(s) for s in skipped]

@@ -20,12 +20,15 @@ class CalibrationSet:
     """Model inputs after the device's preprocessing, as float32 model-logical values.
 
     ``inputs`` has shape ``(N, *input_shape_without_batch)`` and is what the fp32 model takes;
-    ``labels`` (class ids, shape ``(N,)``) is set for labelled evaluation data.
+    ``labels`` (class ids, shape ``(N,)``) is set for labelled evaluation data; ``boxes``
+    (detectors) holds per sample a ``(K, 5)`` array of ground-truth rows ``class, x1, y1, x2,
+    y2`` in model-input pixels.
     """
 
     inputs: npt.NDArray[np.float32]
     labels: npt.NDArray[np.int64] | None = None
     description: str = ""
+    boxes: list[npt.NDArray[np.float64]] | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

@@ -314,9 +314,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             target=args.target,
             formats=formats,
             max_accuracy_drop=args.max_accuracy_drop,
+            keep_float=tuple(args.keep_float),
+            float_input_ops=args.float_input_ops,
             prune=args.prune,
             finetune_data=args.finetune_data,
             threads=args.threads,
+            latency_runs=args.latency_runs,
             sign_key=args.sign_key,
             pack=args.pack,
             overwrite=args.force,
@@ -461,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval",
         dest="eval_data",
         type=Path,
-        help="labelled evaluation data (default: a held-out split of --calibration)",
+        help="labelled evaluation data (default: a held-out split of --calibration); for detectors an "
+        ".npz with 'boxes' rows sample, class, x1, y1, x2, y2 scores mAP@0.5",
     )
     conv.add_argument("--eval-count", type=int, default=500)
     conv.add_argument("--method", choices=["minmax", "entropy", "percentile"])
@@ -470,9 +474,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--formats", default="onnx,tflite", help="comma-separated: onnx,tflite")
     conv.add_argument("--max-accuracy-drop", type=float, help="e.g. 0.01 = 1 point of top-1")
+    conv.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="keep this op float (repeatable; onnx:NODE or tflite:OP aims at one format)",
+    )
+    conv.add_argument(
+        "--float-input-ops",
+        choices=["auto", "float", "int8"],
+        default="auto",
+        help="the ops before the first convolution (input standardization): auto keeps them float "
+        "when that measures >= 10%% faster on this host",
+    )
     conv.add_argument("--prune", help="magnitude:S or channels:R")
     conv.add_argument("--finetune-data", type=Path, help=".npz with x, y to fine-tune after pruning (Keras)")
     conv.add_argument("--threads", type=int, default=2)
+    conv.add_argument("--latency-runs", type=int, default=40, help="timed runs per model for the report")
     conv.add_argument("--sign-key", type=Path)
     conv.add_argument("--pack", type=Path, help="also write the packed .edgebundle file")
     conv.add_argument("--force", action="store_true", help="replace an existing --out")

@@ -252,3 +252,86 @@ def test_accuracy_budget_is_reported_for_both_formats(digits: dict[str, Any], tm
     )
     assert proc.returncode == 1 and "--max-accuracy-drop" in proc.stderr
     assert not worse.exists()
+
+
+def _convert_onnx(model: Path, out: Path, calib: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return edgert(
+        "convert", str(model), "--out", str(out), "--calibration", str(calib), "--name", "m",
+        "--formats", "onnx", "--latency-runs", "10", *extra,
+    )  # fmt: skip
+
+
+def test_keep_float_and_float_input_ops(tmp_path: Path) -> None:
+    model = build_cnn_onnx(tmp_path / "m.onnx", size=32)
+    calib = tmp_path / "calib.npz"
+    frames = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    np.savez(calib, inputs=frames[..., ::-1].astype(np.float32), frames=frames)
+    # an unknown op name is refused before anything is written, naming it
+    proc = _convert_onnx(model, tmp_path / "bad", calib, "--keep-float", "no_such_node")
+    assert proc.returncode == 1 and "no_such_node" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
+    # the op before the first Conv (the NHWC->NCHW Transpose) stays float on request
+    import onnx as onnx_mod
+
+    first = onnx_mod.load(str(model)).graph.node[0]
+    assert first.op_type == "Transpose"
+    out = tmp_path / "float_in"
+    proc = _convert_onnx(model, out, calib, "--float-input-ops", "float", "--scale", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    int8 = next(a for a in report["artifacts"] if a["precision"] != "fp32")
+    assert int8["precision"] == "mixed" and int8["float_nodes"]
+    # auto measures both variants and records the measured ratio and the choice
+    out = tmp_path / "auto"
+    proc = _convert_onnx(model, out, calib, "--scale", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    choice = report["float_input_ops"]["onnx"]
+    assert choice["speedup_float_vs_int8"] > 0 and isinstance(choice["kept_float"], bool)
+    int8 = next(a for a in report["artifacts"] if a["precision"] != "fp32")
+    assert (int8["precision"] == "mixed") == choice["kept_float"]
+
+
+def test_detector_is_scored_by_map50_with_ground_truth_boxes(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from conftest import build_yolo_onnx
+    from edge_runtime.decoders import YoloDecoder, YoloSpec
+
+    model = build_yolo_onnx(tmp_path / "yolo.onnx", size=64, classes=3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (60, 64, 64, 3)).astype(np.float32)
+    # ground truth = the fp32 model's own detections, so fp32 scores mAP 1.0 only if the
+    # boxes are read as ground truth in the model's pixel coordinates
+    spec = YoloSpec(layout="v8", normalized=False, conf_threshold=0.25, max_detections=20)
+    decoder = YoloDecoder(spec, ["a", "b", "c"])
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rows = []
+    for i in range(len(x)):
+        for d in decoder.decode(sess.run(None, {"input": x[i : i + 1]}), None)["detections"]:
+            rows.append([i, d["class_id"], *d["box"]])
+    assert len(rows) > 20
+    data = tmp_path / "det.npz"
+    frames = (x[..., ::-1] * 255).round().astype(np.uint8)  # BGR frames for the golden self-test
+    np.savez(data, inputs=x, frames=frames, boxes=np.array(rows, np.float64))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\n")
+    out = tmp_path / "out"
+    proc = _convert_onnx(
+        model, out, data, "--eval", str(data), "--decoder", "yolo", "--labels", str(labels),
+        "--decoder-opt", "conf_threshold=0.25", "--decoder-opt", "normalized=false",
+        "--max-accuracy-drop", "0.05",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["detection_ground_truth"] is True
+    rows_by = {a["precision"]: a for a in report["artifacts"]}
+    assert rows_by["fp32"]["metric"]["map50"] > 0.99
+    q = next(a for p, a in rows_by.items() if p != "fp32")
+    assert "map50" in q["metric"] and q["metric_drop_points"] <= 5.0
+    assert "mAP" in json.dumps(report["fallback"]["onnx"])
+    # malformed ground truth is refused with the expected layout named
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=x, boxes=np.zeros((5, 4)))
+    proc = _convert_onnx(model, tmp_path / "o2", bad, "--decoder", "yolo")
+    assert proc.returncode == 1 and "sample, class, x1, y1, x2, y2" in proc.stderr

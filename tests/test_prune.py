@@ -434,3 +434,30 @@ def test_keras_finetune_recovers_and_data_loader(tmp_path: Path) -> None:
         load_finetune_data(tmp_path / "bad.npz")
     with pytest.raises(CalibrationError, match="labels"):
         finetune(pruned, x, y[:3])
+
+
+def test_bn_statistics_are_reestimated_from_data() -> None:
+    import keras
+
+    from converters.prune_keras import reestimate_bn_statistics
+    from converters.sources import quiet_tf
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, (300, 6, 6, 4)).astype(np.float32)
+    with quiet_tf():
+        model = keras.Sequential(
+            [keras.Input((6, 6, 4)), keras.layers.BatchNormalization(momentum=0.99, name="bn0"),
+             keras.layers.Conv2D(5, 3, name="conv"), keras.layers.BatchNormalization(name="bn1")]
+        )  # fmt: skip
+        bn0, bn1 = model.get_layer("bn0"), model.get_layer("bn1")
+        assert reestimate_bn_statistics(model, x, samples=256) == 2
+        # exactly the statistics of each layer's inputs over the first 256 samples
+        np.testing.assert_allclose(bn0.moving_mean.numpy(), x[:256].mean(axis=(0, 1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(bn0.moving_variance.numpy(), x[:256].var(axis=(0, 1, 2)), rtol=1e-3)
+        conv_in = (x[:256] - bn0.moving_mean.numpy()) / np.sqrt(bn0.moving_variance.numpy() + bn0.epsilon)
+        conv_out = model.get_layer("conv")(conv_in).numpy()
+        np.testing.assert_allclose(bn1.moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+        assert bn0.momentum == 0.99  # restored
+        # in inference mode the first layer now standardizes the data
+        y = bn0(x[:256], training=False).numpy()
+        assert abs(float(y.mean())) < 1e-3 and abs(float(y.std()) - 1.0) < 1e-2
