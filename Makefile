@@ -23,6 +23,7 @@ demo: setup
 
 ## make test: set up and run every test
 test: setup
+	bash scripts/ensure-mosquitto.sh
 	$(BIN)/python -m pytest
 
 lint: setup

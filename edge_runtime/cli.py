@@ -1,4 +1,4 @@
-"""The ``edgert`` command line: run, bundle, keys, doctor.
+"""The ``edgert`` command line: run, bundle, keys, convert, fleet, doctor.
 
 Exit codes: 0 success, 1 a runtime failure (bad bundle, model, source), 2 a usage or config
 error. Expected errors print one ``edgert: error: ...`` line, never a traceback.
@@ -497,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace an existing --out")
     _add_model_args(conv)
     conv.set_defaults(func=cmd_convert)
+
+    from edge_runtime.sync.fleet_cli import add_fleet_parser
+
+    add_fleet_parser(sub)
 
     doctor = sub.add_parser("doctor", help="report runtimes, providers, delegates, CPU, cameras")
     doctor.add_argument("--json", action="store_true")

@@ -22,6 +22,7 @@ Example ``edgert.toml``::
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,8 +47,10 @@ __all__ = [
     "PipelineConfig",
     "SinkConfig",
     "SnapshotSinkConfig",
+    "OutboxConfig",
     "SqliteSinkConfig",
     "StateConfig",
+    "SyncConfig",
     "TrustConfig",
     "load_config",
     "parse_config",
@@ -147,6 +150,71 @@ class StateConfig(_Section):
     dir: Path = Path("state")
 
 
+class OutboxConfig(_Section):
+    """The disk-backed outbox that keeps telemetry and events while the broker is away."""
+
+    max_mb: float = Field(default=64.0, gt=0, le=65536)
+    ttl_days: float | None = Field(default=7.0, gt=0)
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class SyncConfig(_Section):
+    """Fleet sync over MQTT (``[sync]``); off unless ``enabled = true``.
+
+    Example::
+
+        [sync]
+        enabled = true
+        host = "broker.plant1.example"
+        port = 8883
+        fleet = "plant1"
+        device_id = "cam-07"
+        groups = ["cameras"]
+        ca_file = "/etc/edgert/ca.pem"
+        cert_file = "cam-07.crt"      # bare names: $CREDENTIALS_DIRECTORY first
+        key_file = "cam-07.key"
+    """
+
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(default=8883, ge=1, le=65535)
+    fleet: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    device_id: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    groups: list[str] = Field(default_factory=list)
+    prefix: str = Field(default="edgert", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    tls: bool = Field(default=True, description="false only for a broker on a trusted local link")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    password: str | None = Field(default=None, exclude=True, description="read from password_file at load")
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    chunk_window: int = Field(default=32, ge=1, le=1024)
+    events: bool = True
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SyncConfig:
+        if not self.enabled:
+            return self
+        if not self.device_id:
+            raise ValueError('device_id is required when enabled = true (e.g. device_id = "cam-07")')
+        for group in self.groups:
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", group):
+                raise ValueError(f"group {group!r}: use letters, digits, '.', '_' or '-' (no '/', '+', '#')")
+        if self.tls and self.ca_file is None:
+            raise ValueError(
+                'tls is on but ca_file is missing; give the broker\'s CA certificate (ca_file = "ca.pem") '
+                "or set tls = false for a trusted local link"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file (mutual TLS), or neither")
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     stats_interval_s: float = Field(default=30.0, ge=0, description="0 = no periodic stats")
@@ -163,6 +231,7 @@ class Config(_Section):
     trust: TrustConfig = Field(default_factory=lambda: TrustConfig(require_signature=False))
     state: StateConfig = Field(default_factory=StateConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
 
 
 def _resolve(base: Path, value: Path) -> Path:
@@ -187,9 +256,32 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             sinks.append(sink)
     trust = config.trust.model_copy(update={"keys": [_resolve(base, k) for k in config.trust.keys]})
     state = StateConfig(dir=_resolve(base, config.state.dir))
+    sync = config.sync
+    if sync.enabled:
+        files = {
+            name: _secret_path(base, value)
+            for name in ("ca_file", "cert_file", "key_file", "password_file")
+            if (value := getattr(sync, name)) is not None
+        }
+        sync = sync.model_copy(update=files)
     return config.model_copy(
-        update={"model": model, "source": source, "sinks": sinks, "trust": trust, "state": state}
+        update={
+            "model": model,
+            "source": source,
+            "sinks": sinks,
+            "trust": trust,
+            "state": state,
+            "sync": sync,
+        }
     )
+
+
+def _secret_path(base: Path, value: Path) -> Path:
+    """A bare file name is looked up in $CREDENTIALS_DIRECTORY first (systemd LoadCredential=)."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not value.is_absolute() and len(value.parts) == 1 and (Path(creds) / value).is_file():
+        return Path(creds) / value
+    return _resolve(base, value)
 
 
 def parse_config(data: dict[str, Any], base: Path | None = None, origin: str = "config") -> Config:
@@ -202,6 +294,20 @@ def parse_config(data: dict[str, Any], base: Path | None = None, origin: str = "
     for key in config.trust.keys:
         if not key.is_file():
             raise ConfigError(f"{origin}: trust.keys: public key {key} does not exist")
+    sync = config.sync
+    if sync.enabled:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(sync, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{origin}: sync.{name}: {path} does not exist; point it at the PEM file")
+        if sync.password_file is not None:
+            password = read_secret(sync.password_file)
+            config = config.model_copy(update={"sync": sync.model_copy(update={"password": password})})
+        if not config.trust.keys:
+            raise ConfigError(
+                f"{origin}: sync.enabled needs trust.keys: desired documents and bundles from the fleet are "
+                "only accepted when signed by a listed key"
+            )
     return config
 
 

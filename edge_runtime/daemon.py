@@ -41,13 +41,13 @@ __all__ = ["Daemon", "load_verified_model"]
 log = logging.getLogger(__name__)
 
 
-def load_verified_model(config: Config, unpack_dir: Path) -> LoadedModel:
-    """Open and verify the configured bundle, load its model and run its self-test."""
+def load_verified_model(config: Config, unpack_dir: Path, bundle_path: Path | None = None) -> LoadedModel:
+    """Open and verify the configured bundle (or ``bundle_path``), load its model and self-test it."""
     trust = TrustStore.from_files(config.trust.keys) if config.trust.keys else None
     if not config.trust.require_signature:
         log.warning("bundle signatures are not required ([trust] require_signature = false)")
     bundle: Bundle = open_bundle(
-        config.model.bundle,
+        bundle_path or config.model.bundle,
         trust=trust,
         require_signature=config.trust.require_signature,
         unpack_dir=unpack_dir,
@@ -81,6 +81,8 @@ class Daemon:
         self._source_state = "starting"
         self._tmp: Path | None = None
         self.summary: dict[str, Any] = {}
+        self.agent: Any = None
+        self._boot_note: str | None = None
 
     # -- building blocks ----------------------------------------------------------------------
     def _unpack_dir(self) -> Path:
@@ -201,14 +203,26 @@ class Daemon:
         if install_signals:
             self._install_signals()
         self.notifier.status("loading model")
+        agent = None
         try:
-            model = load_verified_model(self.config, self._unpack_dir())
+            model = self._boot_model()
             pipeline = self._pipeline(self.config, model)
+            if self.config.sync.enabled:
+                from edge_runtime.sync.host import build_agent
+
+                config = self.config
+                agent = build_agent(
+                    config, pipeline, lambda p: load_verified_model(config, self._unpack_dir(), p)
+                )
+                agent.boot_note = self._boot_note
         except EdgeRuntimeError:
             self.notifier.close()
             self._cleanup()
             raise
         pipeline.start()
+        if agent is not None:
+            agent.start()
+            self.agent = agent
         self.notifier.ready(f"serving {model.name} {model.version}")
         watchdog = watchdog_interval()
         stats_every = self.config.log.stats_interval_s
@@ -235,12 +249,30 @@ class Daemon:
                     )
         finally:
             self.notifier.stopping()
+            if agent is not None:
+                agent.stop()
             pipeline.stop()
             self.summary = pipeline.summary()
             pipeline.model.close()
             self.notifier.close()
             self._cleanup()
         return 0
+
+    def _boot_model(self) -> LoadedModel:
+        """The committed fleet model when sync is on (else, or when it fails, the configured bundle)."""
+        if not self.config.sync.enabled:
+            return load_verified_model(self.config, self._unpack_dir())
+        from edge_runtime.sync.host import boot_bundle
+
+        path, self._boot_note = boot_bundle(self.config)
+        if path == self.config.model.bundle:
+            return load_verified_model(self.config, self._unpack_dir())
+        try:
+            return load_verified_model(self.config, self._unpack_dir(), path)
+        except EdgeRuntimeError as exc:
+            log.error("boot: the committed model in %s failed (%s); serving the factory bundle", path, exc)
+            self._boot_note = f"the committed model failed at boot ({exc}); serving the factory bundle"
+            return load_verified_model(self.config, self._unpack_dir())
 
     def _cleanup(self) -> None:
         if self._tmp is not None:

@@ -27,6 +27,14 @@ only ever need to catch these::
     +-- ConversionError              the converter cannot produce a result (names problem and fix)
         +-- CalibrationError         empty, unreadable or mis-shaped calibration/evaluation data
         +-- AccuracyBudgetError      --max-accuracy-drop could not be met (best result kept)
+    +-- SyncError                    fleet sync over MQTT
+    |   +-- BrokerError              the broker cannot be reached or refused us (TLS, credentials, ACL)
+    |   +-- DocumentError            a desired-model document or command that is malformed,
+    |   |                            unsigned, expired, replayed or a refused downgrade
+    |   +-- TransferError            a bundle chunk or download that fails its checks
+    |   +-- UpdateError              an update that cannot be installed (the reason is reported)
+    +-- StateError                   the device state directory is unreadable or inconsistent
+    +-- OutboxError                  the disk-backed telemetry outbox cannot be opened or written
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ __all__ = [
     "SourceDisconnectedError",
     "SourceError",
     "UnsafeArchiveError",
+    "SyncError",
+    "BrokerError",
+    "DocumentError",
+    "TransferError",
+    "UpdateError",
+    "StateError",
+    "OutboxError",
 ]
 
 
@@ -151,3 +166,31 @@ class CalibrationError(ConversionError):
 
 class AccuracyBudgetError(ConversionError):
     """The accuracy budget could not be met; the best result found is kept and reported."""
+
+
+class SyncError(EdgeRuntimeError):
+    """Fleet sync over MQTT failed."""
+
+
+class BrokerError(SyncError):
+    """The MQTT broker cannot be reached, or refused the connection, a publish or a subscription."""
+
+
+class DocumentError(SyncError):
+    """A desired-model document or command is malformed, unsigned, expired, replayed or a downgrade."""
+
+
+class TransferError(SyncError):
+    """A bundle chunk or a whole download does not match what the signed document promised."""
+
+
+class UpdateError(SyncError):
+    """A model update cannot be installed; the reason is reported to the fleet."""
+
+
+class StateError(EdgeRuntimeError):
+    """The device's state directory is unreadable or inconsistent."""
+
+
+class OutboxError(EdgeRuntimeError):
+    """The disk-backed telemetry outbox cannot be opened or written."""

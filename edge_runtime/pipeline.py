@@ -158,6 +158,14 @@ class PipelineOptions:
 
 
 ResultHook = Callable[[Result, LoadedModel], None]
+TensorObserver = Callable[
+    [LoadedModel, Frame, "npt.NDArray[Any]", "list[npt.NDArray[np.float32]]", float], None
+]
+"""Called on the inference thread after each run: ``(model, frame, input, outputs, inference_ms)``.
+
+``input`` is the model input of this one frame (a pooled buffer: copy what you keep). Observers
+(drift statistics, probation watch, shadow sampling) must be cheap and must not raise.
+"""
 
 
 class Pipeline:
@@ -174,6 +182,7 @@ class Pipeline:
         stats: PipelineStats | None = None,
         hooks: list[ResultHook] | None = None,
         stop_event: threading.Event | None = None,
+        observers: list[TensorObserver] | None = None,
     ) -> None:
         self.options = options or PipelineOptions()
         self.source = source
@@ -181,6 +190,7 @@ class Pipeline:
         self.windower = windower
         self.stats = stats or PipelineStats()
         self.hooks = list(hooks or [])
+        self.observers: list[TensorObserver] = list(observers or [])
         self.stop_event = stop_event or threading.Event()
         batch = self.options.batch
         self.check_batch(model, batch)
@@ -331,13 +341,29 @@ class Pipeline:
         queue_ms = (time.monotonic() - item.t_enqueued) * 1000.0
         try:
             outputs = model.backend.run([item.buffer])
+            inference_ms = (time.perf_counter() - t_start) * 1000.0
+            self._observe(model, item.frame, item.buffer, outputs, inference_ms)
         except InferenceError as exc:
             self.stats.error("inference")
             self._rlog.warning("inference", "frame %d failed: %s", item.frame.index, exc)
             return
         finally:
             item.pool.release(item.buffer)
-        self._decode(model, item, outputs, queue_ms, (time.perf_counter() - t_start) * 1000.0)
+        self._decode(model, item, outputs, queue_ms, inference_ms)
+
+    def _observe(
+        self,
+        model: LoadedModel,
+        frame: Frame,
+        inputs: npt.NDArray[Any],
+        outputs: list[npt.NDArray[np.float32]],
+        inference_ms: float,
+    ) -> None:
+        for observer in self.observers:
+            try:
+                observer(model, frame, inputs, outputs, inference_ms)
+            except Exception as exc:  # noqa: BLE001 - an observer must never stop inference
+                self._rlog.warning("observer", "observer %r failed: %s", observer, exc)
 
     def _decode(
         self,
@@ -419,6 +445,10 @@ class Pipeline:
         inference_ms = (time.perf_counter() - t_start) * 1000.0
         for row, item in enumerate(ready):
             queue_ms = (now - item.t_enqueued) * 1000.0
+            if self.observers:
+                self._observe(
+                    model, item.frame, batch[row : row + 1], [o[row : row + 1] for o in outputs], inference_ms
+                )
             self._decode(model, item, [o[row : row + 1] for o in outputs], queue_ms, inference_ms)
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -212,3 +213,67 @@ def yolo_bundle(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path
 @pytest.fixture
 def video(tmp_path: Path) -> Path:
     return write_video(tmp_path / "clip.avi")
+
+
+# --- A real mosquitto broker (tests/mqtt_broker.py) --------------------------------------------------
+# pytest puts tests/ (this file's directory, which has no __init__.py) on sys.path before importing it.
+from mqtt_broker import Broker  # noqa: E402  (appended section; keeps the lines above unchanged)
+
+
+@pytest.fixture
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Broker:
+    """A running mosquitto for fleet ``test``: dev1 in ``cams``, dev2 in ``sensors``, operator fleet-admin.
+
+    Mutual TLS on a free 127.0.0.1 port; files and mosquitto.log under ``tmp_path/broker``. Clients
+    made with ``broker.client(...)`` and the mosquitto process are closed after the test, also when
+    it fails.
+    """
+    instance = Broker(
+        tmp_path / "broker",
+        fleet="test",
+        devices={"dev1": ["cams"], "dev2": ["sensors"]},
+        operators=["fleet-admin"],
+    )
+    request.addfinalizer(instance.close)
+    instance.start()
+    return instance
+
+
+# --- Fleet sync: real daemons per device and an operator client (tests/sync_helpers.py) ----------
+from sync_helpers import Device  # noqa: E402
+
+
+@pytest.fixture
+def devices(tmp_path: Path, broker: Broker, keys: tuple[Path, Path]) -> Iterator[Callable[..., Device]]:
+    """Start daemons (in this process) for devices of the ``broker`` fleet; all stopped after the test."""
+    made: list[Device] = []
+
+    def make(device_id: str = "dev1", group: str = "cams", start: bool = True, **overrides: Any) -> Device:
+        dev = Device(tmp_path, broker, keys, device_id, group, **overrides)
+        made.append(dev)
+        return dev.start() if start else dev
+
+    yield make
+    for dev in made:
+        dev.stop()
+
+
+@pytest.fixture
+def device(devices: Callable[..., Device]) -> Device:
+    """dev1 (group cams) serving the demo shapes bundle with sync on."""
+    return devices()
+
+
+@pytest.fixture
+def fleet(broker: Broker) -> Iterator[Any]:
+    """An operator FleetClient (fleet-admin certificate) connected to ``broker``."""
+    from edge_runtime.sync.mqtt import LinkSettings
+    from edge_runtime.sync.publisher import FleetClient
+
+    cert, key = broker.client_cert("fleet-admin")
+    settings = LinkSettings(
+        host="127.0.0.1", port=broker.port, client_id="fleet-cli", ca_file=broker.ca_path, cert_file=cert,
+        key_file=key,
+    )  # fmt: skip
+    with FleetClient(settings, "test") as client:
+        yield client

@@ -294,8 +294,8 @@ def test_keep_float_and_float_input_ops(tmp_path: Path) -> None:
 
 def test_detector_is_scored_by_map50_with_ground_truth_boxes(tmp_path: Path) -> None:
     import onnxruntime as ort
-
     from conftest import build_yolo_onnx
+
     from edge_runtime.decoders import YoloDecoder, YoloSpec
 
     model = build_yolo_onnx(tmp_path / "yolo.onnx", size=64, classes=3)

@@ -456,7 +456,8 @@ def test_bn_statistics_are_reestimated_from_data() -> None:
         np.testing.assert_allclose(bn0.moving_variance.numpy(), x[:256].var(axis=(0, 1, 2)), rtol=1e-3)
         conv_in = (x[:256] - bn0.moving_mean.numpy()) / np.sqrt(bn0.moving_variance.numpy() + bn0.epsilon)
         conv_out = model.get_layer("conv")(conv_in).numpy()
-        np.testing.assert_allclose(bn1.moving_mean.numpy(), conv_out.mean(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5)
+        want = conv_out.mean(axis=(0, 1, 2))
+        np.testing.assert_allclose(bn1.moving_mean.numpy(), want, rtol=1e-3, atol=1e-5)
         assert bn0.momentum == 0.99  # restored
         # in inference mode the first layer now standardizes the data
         y = bn0(x[:256], training=False).numpy()

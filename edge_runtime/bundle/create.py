@@ -39,6 +39,7 @@ from edge_runtime.bundle.manifest import (
 )
 from edge_runtime.bundle.signing import load_private_key, sign_bytes
 from edge_runtime.decoders.specs import ClassificationSpec, DecoderSpec, RawSpec
+from edge_runtime.drift import frame_means, quantile_histogram, scores_of
 from edge_runtime.errors import BundleError
 from edge_runtime.preprocess import make_preprocessor
 from edge_runtime.preprocess_spec import PreprocessSpec
@@ -92,15 +93,30 @@ def _stats(values: npt.NDArray[Any]) -> dict[str, float]:
 def reference_statistics(
     inputs: npt.NDArray[Any], outputs: list[npt.NDArray[Any]], decoder: Any
 ) -> dict[str, Any]:
-    """Input/output statistics on the golden frames, for drift checks on the device."""
+    """Input/output statistics for drift checks on the device (:mod:`edge_runtime.drift`).
+
+    ``inputs`` are the preprocessed model inputs of N frames (first axis), ``outputs`` the model's
+    outputs stacked the same way. Besides summary statistics the result holds binned
+    distributions for PSI: ``input_frame_mean`` (per-frame input mean, see
+    :func:`~edge_runtime.drift.frame_mean`), ``class_histogram`` (classifiers) and ``score_hist``
+    with ``score_mode`` (raw/anomaly decoders; the score is computed as the decoder does).
+    """
     ref: dict[str, Any] = {"frames": len(inputs), "input": _stats(inputs)}
     ref["outputs"] = [_stats(o) for o in outputs]
+    input_hist = quantile_histogram(frame_means(inputs))
+    if input_hist is not None:
+        ref["input_frame_mean"] = input_hist
     if isinstance(decoder, ClassificationSpec) and outputs:
         top1 = outputs[0].reshape(len(inputs), -1).argmax(axis=1)
         classes = outputs[0].reshape(len(inputs), -1).shape[1]
         ref["class_histogram"] = (np.bincount(top1, minlength=classes) / len(top1)).tolist()
     if isinstance(decoder, RawSpec) and outputs:
-        ref["score"] = _stats(outputs[0].reshape(len(inputs), -1)[:, 0])
+        scores = scores_of(outputs[0], decoder.score)
+        ref["score"] = _stats(scores)
+        ref["score_mode"] = decoder.score
+        score_hist = quantile_histogram(scores)
+        if score_hist is not None:
+            ref["score_hist"] = score_hist
     return ref
 
 

@@ -1,0 +1,156 @@
+"""The daemon side of fleet sync: the model host the agent drives, and building the agent.
+
+:func:`boot_bundle` decides which bundle the daemon serves at start (the committed slot, the
+previous one when that fails, or the factory bundle from ``[model] bundle``);
+:class:`PipelineHost` lets the agent load, swap and watch models in the running pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.config import Config
+from edge_runtime.model import LoadedModel
+from edge_runtime.pipeline import Pipeline, TensorObserver
+from edge_runtime.sync.agent import AgentOptions, SyncAgent
+from edge_runtime.sync.mqtt import LinkSettings
+from edge_runtime.sync.outbox import Outbox
+from edge_runtime.sync.slots import StateStore
+from edge_runtime.types import Result
+
+__all__ = ["PipelineHost", "boot_bundle", "build_agent", "event_filter"]
+
+log = logging.getLogger(__name__)
+
+
+def state_store(config: Config) -> StateStore:
+    from edge_runtime.bundle import TrustStore
+
+    trust = TrustStore.from_files(config.trust.keys) if config.trust.keys else None
+    return StateStore(
+        config.state.dir / "sync", trust=trust, require_signature=config.trust.require_signature
+    )
+
+
+def boot_bundle(config: Config) -> tuple[Path, str | None]:
+    """The bundle to serve at start, and why it is not the committed one (None when it is)."""
+    store = state_store(config)
+    state = store.load()
+    path, new_state, reason = store.boot_choice(state, factory=config.model.bundle)
+    if new_state != state:
+        store.save(new_state)
+    if reason:
+        log.warning("boot: %s", reason)
+    return path, reason
+
+
+class PipelineHost:
+    """:class:`~edge_runtime.sync.agent.ModelHost` over the daemon's running pipeline."""
+
+    def __init__(self, pipeline: Pipeline, loader: Callable[[Path], LoadedModel]) -> None:
+        self.pipeline = pipeline
+        self._loader = loader
+        self._lock = threading.Lock()
+
+    def serving(self) -> LoadedModel:
+        return self.pipeline.model
+
+    def load(self, bundle_dir: Path) -> LoadedModel:
+        return self._loader(bundle_dir)
+
+    def swap(self, model: LoadedModel) -> LoadedModel:
+        with self._lock:
+            done, old = self.pipeline.swap_model(model)
+            done.wait(30.0)
+            return old[0] if old else model
+
+    def add_observer(self, observer: TensorObserver) -> None:
+        self.pipeline.observers.append(observer)
+
+    def remove_observer(self, observer: TensorObserver) -> None:
+        if observer in self.pipeline.observers:
+            self.pipeline.observers.remove(observer)
+
+    def errors(self) -> int:
+        with self.pipeline.stats.lock:
+            return sum(self.pipeline.stats.errors.values())
+
+    def summary(self) -> dict[str, Any]:
+        return self.pipeline.summary()
+
+
+def event_filter() -> Callable[[Result], dict[str, Any] | None]:
+    """Which results become fleet events: detections, anomalies, and changes of the top class."""
+    last: list[Any] = [None]
+
+    def pick(result: Result) -> dict[str, Any] | None:
+        p = result.payload
+        if p.get("detections"):
+            return {"frame": result.frame_index, **p}
+        if p.get("anomaly"):
+            return {"frame": result.frame_index, **p}
+        top = p.get("top")
+        if top:
+            label = top[0].get("label")
+            if label != last[0]:
+                last[0] = label
+                return {"frame": result.frame_index, "change": True, **p}
+        return None
+
+    return pick
+
+
+def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], LoadedModel]) -> SyncAgent:
+    """The agent for ``[sync]`` (enabled), attached to ``pipeline``."""
+    from edge_runtime.bundle import TrustStore
+
+    s = config.sync
+    trust = TrustStore.from_files(config.trust.keys) if config.trust.keys else None
+    state_dir = config.state.dir / "sync"
+    link = LinkSettings(
+        host=s.host,
+        port=s.port,
+        client_id=f"edgert-{s.fleet}-{s.device_id}",
+        ca_file=s.ca_file,
+        cert_file=s.cert_file,
+        key_file=s.key_file,
+        tls=s.tls,
+        username=s.username,
+        password=s.password,
+        keepalive_s=s.keepalive_s,
+        protocol=s.protocol,
+    )
+    options = AgentOptions(
+        device_id=s.device_id,
+        fleet=s.fleet,
+        groups=tuple(s.groups),
+        state_dir=state_dir,
+        factory_bundle=config.model.bundle,
+        link=link,
+        prefix=s.prefix,
+        telemetry_interval_s=s.telemetry_interval_s,
+        chunk_window=s.chunk_window,
+        require_signature=config.trust.require_signature,
+        events=s.events,
+    )
+    outbox = Outbox(
+        state_dir / "outbox.db",
+        max_bytes=int(s.outbox.max_mb * 1024 * 1024),
+        default_ttl_s=None if s.outbox.ttl_days is None else s.outbox.ttl_days * 86400.0,
+        synchronous=s.outbox.synchronous,
+    )
+    agent = SyncAgent(options, PipelineHost(pipeline, loader), trust, state_store(config), outbox)
+    pick = event_filter()
+
+    def hook(result: Result, _model: LoadedModel) -> None:
+        body = pick(result)
+        if body is not None:
+            agent.event(body)
+
+    if s.events:
+        pipeline.hooks.append(hook)
+    return agent
