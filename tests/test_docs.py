@@ -12,7 +12,7 @@ import pytest
 import tomllib
 from conftest import REPO
 
-MODULES = ["edge_runtime", "edge_runtime.preprocess"]
+MODULES = ["edge_runtime", "edge_runtime.preprocess", "edge_runtime.sync"]
 
 
 @pytest.mark.parametrize("name", MODULES)
