@@ -194,6 +194,8 @@ class SyncConfig(_Section):
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     chunk_window: int = Field(default=32, ge=1, le=1024)
     events: bool = True
+    probe: bool = Field(default=True, description="load and self-test a candidate in a child process first")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="installs of one document, then give up")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
 
     @model_validator(mode="after")

@@ -99,6 +99,7 @@ class AgentOptions:
     require_signature: bool = True
     outbox_max_bytes: int = 64 * 1024 * 1024
     events: bool = True
+    max_attempts: int = 3
 
 
 @dataclass
@@ -447,6 +448,11 @@ class SyncAgent:
                 version=doc.bundle.version,
             )
             return
+        attempts = int(str(last.get("attempts", 0))) if last.get("sequence") == doc.sequence else 0
+        if attempts >= self.opts.max_attempts and last.get("outcome") != "committed":
+            why = f"gave up on {doc.bundle.version} after {attempts} interrupted attempts; publish it again"
+            self._say_once(key, "rejected", why, version=doc.bundle.version)
+            return
         self._accept(doc)
         prev = self.state.previous
         if prev is not None and prev.sha256 == doc.bundle.sha256 and self.store.check_slot(prev) is None:
@@ -458,12 +464,17 @@ class SyncAgent:
         self._start_download(doc)
 
     def _accept(self, doc: DesiredDocument) -> None:
+        """Record the document as accepted; every acceptance of the same one counts as an attempt
+        (a daemon killed mid-update tries again at boot, at most ``max_attempts`` times)."""
+        last = self.state.last_document or {}
+        same = last.get("target") == doc.target and last.get("sequence") == doc.sequence
         record = {
             "target": doc.target,
             "sequence": doc.sequence,
             "version": doc.bundle.version,
             "sha256": doc.bundle.sha256,
             "issued_at": doc.issued_at,
+            "attempts": (int(str(last.get("attempts", 0))) if same else 0) + 1,
         }
         self._save(transition(self.state, self.state.phase, self.state.reason, last_document=record))
 

@@ -136,6 +136,7 @@ def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], Loa
         chunk_window=s.chunk_window,
         require_signature=config.trust.require_signature,
         events=s.events,
+        max_attempts=s.max_attempts,
     )
     outbox = Outbox(
         state_dir / "outbox.db",
@@ -143,7 +144,14 @@ def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], Loa
         default_ttl_s=None if s.outbox.ttl_days is None else s.outbox.ttl_days * 86400.0,
         synchronous=s.outbox.synchronous,
     )
-    agent = SyncAgent(options, PipelineHost(pipeline, loader), trust, state_store(config), outbox)
+    def probed(path: Path) -> LoadedModel:
+        if s.probe:
+            from edge_runtime.sync.probe import probe_bundle
+
+            probe_bundle(path, config.model.format, config.model.threads)
+        return loader(path)
+
+    agent = SyncAgent(options, PipelineHost(pipeline, probed), trust, state_store(config), outbox)
     pick = event_filter()
 
     def hook(result: Result, _model: LoadedModel) -> None:
