@@ -82,6 +82,8 @@ class Daemon:
         self._tmp: Path | None = None
         self.summary: dict[str, Any] = {}
         self.agent: Any = None
+        self.pipeline: Pipeline | None = None
+        self.extra_sinks: list[Any] = []
         self._boot_note: str | None = None
 
     # -- building blocks ----------------------------------------------------------------------
@@ -119,7 +121,7 @@ class Daemon:
         return Windower(spec)
 
     def _pipeline(self, config: Config, model: LoadedModel) -> Pipeline:
-        sinks = make_sinks(config.sinks)
+        sinks = make_sinks(config.sinks) + list(self.extra_sinks)
         snapshots = any(s.kind == "snapshots" for s in config.sinks)
         options = PipelineOptions(
             max_fps=config.pipeline.max_fps,
@@ -189,9 +191,12 @@ class Daemon:
         ):
             log.info("reload: restarting source and sinks")
             current = pipeline.model
+            observers = list(pipeline.observers)
             pipeline.stop()
             self.stop_event.clear()
             pipeline = self._pipeline(new, current)
+            pipeline.observers.extend(observers)  # fleet sync's probation/drift watchers carry over
+            self.pipeline = pipeline
             pipeline.start()
         self.notifier.ready("reloaded")
         log.info("config reloaded")
@@ -211,8 +216,12 @@ class Daemon:
                 from edge_runtime.sync.host import build_agent
 
                 config = self.config
+                self.pipeline = pipeline
                 agent = build_agent(
-                    config, pipeline, lambda p: load_verified_model(config, self._unpack_dir(), p)
+                    config,
+                    self._current_pipeline,
+                    lambda p: load_verified_model(config, self._unpack_dir(), p),
+                    self.extra_sinks,
                 )
                 agent.boot_note = self._boot_note
         except EdgeRuntimeError:
@@ -252,11 +261,17 @@ class Daemon:
             if agent is not None:
                 agent.stop()
             pipeline.stop()
+            if agent is not None:
+                agent.close()
             self.summary = pipeline.summary()
             pipeline.model.close()
             self.notifier.close()
             self._cleanup()
         return 0
+
+    def _current_pipeline(self) -> Pipeline:
+        assert self.pipeline is not None
+        return self.pipeline
 
     def _boot_model(self) -> LoadedModel:
         """The committed fleet model when sync is on (else, or when it fails, the configured bundle)."""

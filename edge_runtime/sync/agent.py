@@ -298,6 +298,9 @@ class SyncAgent:
         self.link.stop()
         if self._download is not None and self._download.asm is not None:
             self._download.asm.close()
+
+    def close(self) -> None:
+        """Close the outbox (after the pipeline stopped: its last events are kept for next time)."""
         self.outbox.close()
 
     # -- the agent thread ------------------------------------------------------------------------
@@ -810,14 +813,14 @@ class SyncAgent:
             except Exception:
                 log.exception("telemetry failed")
 
-    def event(self, payload: dict[str, Any]) -> None:
-        """Queue an inference event (``events`` stream) for the fleet."""
-        if not self.opts.events:
+    def events(self, payloads: list[dict[str, Any]]) -> None:
+        """Queue inference events (``events`` stream) for the fleet, in one transaction."""
+        if not self.opts.events or not payloads:
             return
         try:
-            self.outbox.put("events", payload, priority=PRIORITY_EVENT)
+            self.outbox.put_many("events", payloads, priority=PRIORITY_EVENT)
         except OutboxError as exc:
-            log.warning("cannot queue an event: %s", exc)
+            log.warning("cannot queue %d events: %s", len(payloads), exc)
         self._wake_sender.set()
 
     # -- outbox sender ---------------------------------------------------------------------------------

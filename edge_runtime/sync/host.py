@@ -22,7 +22,7 @@ from edge_runtime.sync.outbox import Outbox
 from edge_runtime.sync.slots import StateStore
 from edge_runtime.types import Result
 
-__all__ = ["PipelineHost", "boot_bundle", "build_agent", "event_filter"]
+__all__ = ["EventSink", "PipelineHost", "boot_bundle", "build_agent", "event_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,19 @@ def boot_bundle(config: Config) -> tuple[Path, str | None]:
 
 
 class PipelineHost:
-    """:class:`~edge_runtime.sync.agent.ModelHost` over the daemon's running pipeline."""
+    """:class:`~edge_runtime.sync.agent.ModelHost` over the daemon's running pipeline.
 
-    def __init__(self, pipeline: Pipeline, loader: Callable[[Path], LoadedModel]) -> None:
-        self.pipeline = pipeline
+    ``current`` returns the pipeline serving now (a SIGHUP reload may replace it).
+    """
+
+    def __init__(self, current: Callable[[], Pipeline], loader: Callable[[Path], LoadedModel]) -> None:
+        self._current = current
         self._loader = loader
         self._lock = threading.Lock()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._current()
 
     def serving(self) -> LoadedModel:
         return self.pipeline.model
@@ -83,6 +90,30 @@ class PipelineHost:
         return self.pipeline.summary()
 
 
+class EventSink:
+    """A pipeline sink (runs on the sink thread) that queues fleet events in the outbox, one
+    transaction per burst of results."""
+
+    def __init__(self, agent: SyncAgent, pick: Callable[[Result], dict[str, Any] | None]) -> None:
+        self._agent = agent
+        self._pick = pick
+        self._pending: list[dict[str, Any]] = []
+
+    def write(self, result: Result) -> None:
+        body = self._pick(result)
+        if body is not None:
+            self._pending.append(body)
+
+    def flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._agent.events(batch)
+
+    def close(self) -> None:
+        """The outbox belongs to the agent; only what is pending is handed over."""
+        self.flush()
+
+
 def event_filter() -> Callable[[Result], dict[str, Any] | None]:
     """Which results become fleet events: detections, anomalies, and changes of the top class."""
     last: list[Any] = [None]
@@ -104,8 +135,17 @@ def event_filter() -> Callable[[Result], dict[str, Any] | None]:
     return pick
 
 
-def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], LoadedModel]) -> SyncAgent:
-    """The agent for ``[sync]`` (enabled), attached to ``pipeline``."""
+def build_agent(
+    config: Config,
+    current: Callable[[], Pipeline],
+    loader: Callable[[Path], LoadedModel],
+    extra_sinks: list[Any],
+) -> SyncAgent:
+    """The agent for ``[sync]`` (enabled), attached to the pipeline ``current()`` returns.
+
+    Inference events reach the outbox through an :class:`EventSink` appended to the current
+    pipeline's sinks and to ``extra_sinks`` (the daemon adds those to every pipeline it builds).
+    """
     from edge_runtime.bundle import TrustStore
 
     s = config.sync
@@ -144,6 +184,7 @@ def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], Loa
         default_ttl_s=None if s.outbox.ttl_days is None else s.outbox.ttl_days * 86400.0,
         synchronous=s.outbox.synchronous,
     )
+
     def probed(path: Path) -> LoadedModel:
         if s.probe:
             from edge_runtime.sync.probe import probe_bundle
@@ -151,14 +192,9 @@ def build_agent(config: Config, pipeline: Pipeline, loader: Callable[[Path], Loa
             probe_bundle(path, config.model.format, config.model.threads)
         return loader(path)
 
-    agent = SyncAgent(options, PipelineHost(pipeline, probed), trust, state_store(config), outbox)
-    pick = event_filter()
-
-    def hook(result: Result, _model: LoadedModel) -> None:
-        body = pick(result)
-        if body is not None:
-            agent.event(body)
-
+    agent = SyncAgent(options, PipelineHost(current, probed), trust, state_store(config), outbox)
     if s.events:
-        pipeline.hooks.append(hook)
+        sink = EventSink(agent, event_filter())
+        extra_sinks.append(sink)
+        current().sinks.append(sink)
     return agent
