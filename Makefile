@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 OUT ?= out
 
-.PHONY: setup demo test lint typecheck bench models clean
+.PHONY: setup demo test lint typecheck bench soak models clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ typecheck: lint
 
 bench: setup
 	$(BIN)/python bench/pipeline.py
+
+## make soak: 30 minutes of one daemon with fleet sync, broker outages and model updates; flags growth
+## of RSS, fds, threads, outbox and latency (not part of make test; bench/soak.py --minutes N to shorten)
+soak: setup
+	bash scripts/ensure-mosquitto.sh
+	$(BIN)/python bench/soak.py --minutes 30
 
 ## make models: retrain the demo models and rebuild the demo bundles (needs the convert extra)
 models: setup

@@ -33,12 +33,16 @@ from edge_runtime.bundle.manifest import format_validation_error
 from edge_runtime.errors import ConfigError
 from edge_runtime.sources.specs import SourceSpec, WindowSpec
 
+#: a config file larger than this is refused unread (a real one is a few KiB)
+MAX_CONFIG_BYTES = 1 << 20
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
     "Config",
     "DelegateConfig",
     "JsonlSinkConfig",
@@ -237,7 +241,12 @@ class Config(_Section):
 
 
 def _resolve(base: Path, value: Path) -> Path:
-    value = value.expanduser()
+    try:
+        value = value.expanduser()
+    except RuntimeError as exc:  # '~name/...' of a user this system does not know
+        raise ConfigError(
+            f"path {str(value)!r}: {exc}; use an absolute path or one relative to the config"
+        ) from exc
     return value if value.is_absolute() else base / value
 
 
@@ -316,15 +325,22 @@ def parse_config(data: dict[str, Any], base: Path | None = None, origin: str = "
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{path} is not valid TOML: arrays or inline tables nested too deeply") from exc
     return parse_config(data, path.resolve().parent, str(path))
 
 
@@ -336,7 +352,12 @@ def read_secret(value: Path) -> str:
         candidates.insert(0, Path(creds) / value)
     for candidate in candidates:
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip()
+            try:
+                return candidate.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"cannot read secret file {candidate}: {exc}; make it UTF-8 text the daemon can read"
+                ) from exc
     raise ConfigError(
         f"secret file {value} not found (looked in {[str(c) for c in candidates]}); create it or "
         "pass it with systemd LoadCredential="

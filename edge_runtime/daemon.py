@@ -10,8 +10,11 @@ a hung daemon).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -39,6 +42,39 @@ from edge_runtime.stats import PipelineStats
 __all__ = ["Daemon", "load_verified_model"]
 
 log = logging.getLogger(__name__)
+
+_UNLOCKED_STALE_S = 60.0
+"""An unpack folder without a ``.lock`` this old was left by a daemon that died (or an older version)."""
+
+
+def _remove_stale_unpack_dirs(parent: Path) -> None:
+    """Remove the ``edgert-*`` unpack folders of daemons that died (kill -9, power loss).
+
+    Each may hold a whole unpacked bundle, so a crash loop would fill the disk. A folder is in
+    use while its daemon holds the ``flock`` on its ``.lock`` (released when the process dies).
+    """
+    for path in sorted(parent.glob("edgert-*")):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path / ".lock", os.O_RDWR)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > _UNLOCKED_STALE_S:
+                    log.info("removing %s, left by a daemon that did not exit cleanly", path)
+                    shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a running daemon's folder
+        else:
+            log.info("removing %s, left by a daemon that did not exit cleanly", path)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def load_verified_model(config: Config, unpack_dir: Path, bundle_path: Path | None = None) -> LoadedModel:
@@ -80,6 +116,7 @@ class Daemon:
         self._reload = threading.Event()
         self._source_state = "starting"
         self._tmp: Path | None = None
+        self._tmp_lock = -1
         self.summary: dict[str, Any] = {}
         self.agent: Any = None
         self.pipeline: Pipeline | None = None
@@ -88,12 +125,20 @@ class Daemon:
 
     # -- building blocks ----------------------------------------------------------------------
     def _unpack_dir(self) -> Path:
-        """A private folder for packed bundles unpacked by this process (removed at exit)."""
+        """A private folder for packed bundles unpacked by this process (removed at exit).
+
+        It is locked (``.lock``) while this process lives; the folders of daemons that died
+        without removing theirs are removed first.
+        """
         if self._tmp is None:
             parent = self.config.state.dir / "tmp"
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-                self._tmp = Path(tempfile.mkdtemp(prefix="edgert-", dir=parent))
+                _remove_stale_unpack_dirs(parent)
+                tmp = Path(tempfile.mkdtemp(prefix="edgert-", dir=parent))
+                self._tmp_lock = os.open(tmp / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._tmp_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._tmp = tmp
             except OSError:
                 self._tmp = Path(tempfile.mkdtemp(prefix="edgert-"))
         return self._tmp
@@ -293,6 +338,9 @@ class Daemon:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._tmp_lock >= 0:
+            os.close(self._tmp_lock)
+            self._tmp_lock = -1
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -308,7 +308,7 @@ def test_drop_report_can_be_enqueued_atomically(box: Outbox, tmp_path: Path) -> 
         assert first.seq == report["seq"]
         assert first.priority == 9
         stored = json.loads(first.payload)
-        assert stored["type"] == "outbox_dropped"
+        assert stored["kind"] == "outbox_dropped"
         assert stored["dropped"] == {"telemetry": 2}
         assert stored["seq"] == report["seq"]
         # Storing the report evicted more records: the next report says so.

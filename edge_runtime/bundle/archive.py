@@ -24,6 +24,7 @@ from edge_runtime.bundle.manifest import (
     MAX_MANIFEST_BYTES,
     SIGNATURE_NAME,
     Manifest,
+    check_runtime_version,
     parse_manifest,
 )
 from edge_runtime.bundle.signing import TrustStore, verify_signature
@@ -186,6 +187,7 @@ def _unpack_members(
         verify_signature(raw, sig_doc, trust)
     elif require_signature:
         raise SignatureError("no trusted keys are configured; add [trust] keys to the config")
+    check_runtime_version(manifest)
     (staging / MANIFEST_NAME).write_bytes(raw)
     if sig_doc is not None:
         (staging / SIGNATURE_NAME).write_bytes(sig_doc)

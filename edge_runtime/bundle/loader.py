@@ -20,6 +20,7 @@ from edge_runtime.bundle.manifest import (
     SIGNATURE_NAME,
     Manifest,
     ModelEntry,
+    check_runtime_version,
     parse_manifest,
 )
 from edge_runtime.bundle.signing import TrustStore, verify_signature
@@ -111,6 +112,7 @@ def _verify_dir(root: Path, trust: TrustStore | None, require_signature: bool) -
             f"bundle {root} is not signed; sign it with 'edgert bundle sign' or set "
             "trust.require_signature = false (development only)"
         )
+    check_runtime_version(manifest)
     for name, entry in manifest.files.items():
         path = root / name
         try:

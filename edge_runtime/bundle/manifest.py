@@ -30,6 +30,7 @@ __all__ = [
     "SelfTestSpec",
     "TensorInfo",
     "canonical_bytes",
+    "check_runtime_version",
     "format_validation_error",
     "parse_manifest",
 ]
@@ -151,6 +152,34 @@ def canonical_bytes(manifest: Manifest) -> bytes:
     """The exact bytes written as manifest.json (and signed): sorted keys, compact, UTF-8."""
     data = manifest.model_dump(mode="json", exclude_none=True)
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _version_key(version: str) -> tuple[int, int, int, int, str]:
+    """Sort key of a semantic version (a pre-release sorts before its release)."""
+    m = _SEMVER.match(version)
+    if m is None:
+        raise ManifestError(f"{version!r} is not a semantic version like 1.2.3")
+    pre = version[m.end(3) :].partition("+")[0].removeprefix("-")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), 0 if pre else 1, pre
+
+
+def check_runtime_version(manifest: Manifest, runtime: str | None = None) -> None:
+    """Raise :class:`ManifestError` when the bundle needs a newer edge-runtime than ``runtime``.
+
+    ``runtime`` defaults to this package's version. The loader calls this for every bundle it
+    opens or unpacks (after the signature check), so a bundle built for a newer runtime is
+    refused with the reason instead of failing later in some unexpected way.
+    """
+    if runtime is None:
+        import edge_runtime
+
+        runtime = edge_runtime.__version__
+    if _version_key(manifest.min_runtime_version) > _version_key(runtime):
+        raise ManifestError(
+            f"bundle {manifest.name} {manifest.version} needs edge-runtime >= "
+            f"{manifest.min_runtime_version} (min_runtime_version) but this is edge-runtime {runtime}; "
+            "upgrade edge-runtime on this device or rebuild the bundle for this runtime"
+        )
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

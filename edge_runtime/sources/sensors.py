@@ -74,6 +74,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _as_float(value: float, line: str) -> float:
+    """``float(value)``; a JSON integer too large for a float is a bad line, not a crash."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise SampleParseError(f"bad sample line {_show(line)}: value out of float32 range") from None
+
+
 def _parse_csv(line: str, columns: Sequence[str] | None) -> list[float]:
     fields = [f.strip() for f in line.split(",")]
     values: list[float] = []
@@ -103,7 +111,7 @@ def _parse_json(line: str, columns: Sequence[str] | None) -> list[float]:
         ) from None
     if isinstance(obj, dict):
         if columns is None:
-            values = [float(v) for v in obj.values() if _is_number(v)]
+            values = [_as_float(v, line) for v in obj.values() if _is_number(v)]
             if not values:
                 raise SampleParseError(
                     f"bad sample line {_show(line)}: the JSON object has no numeric values"
@@ -119,7 +127,7 @@ def _parse_json(line: str, columns: Sequence[str] | None) -> list[float]:
                 raise SampleParseError(
                     f"bad sample line {_show(line)}: {name!r} is {obj[name]!r}, expected a number"
                 )
-            out.append(float(obj[name]))
+            out.append(_as_float(obj[name], line))
         return out
     if isinstance(obj, list):
         if not obj or not all(_is_number(v) for v in obj):
@@ -129,11 +137,11 @@ def _parse_json(line: str, columns: Sequence[str] | None) -> list[float]:
                 f"bad sample line {_show(line)}: {len(obj)} values, expected {len(columns)} "
                 f"({','.join(columns)})"
             )
-        return [float(v) for v in obj]
+        return [_as_float(v, line) for v in obj]
     if _is_number(obj):
         if columns is not None and len(columns) != 1:
             raise SampleParseError(f"bad sample line {_show(line)}: one value, expected {len(columns)}")
-        return [float(obj)]
+        return [_as_float(obj, line)]
     raise SampleParseError(f"bad sample line {_show(line)}: expected a JSON object or a list of numbers")
 
 

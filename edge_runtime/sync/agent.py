@@ -111,6 +111,8 @@ class _Download:
     last_progress: float = field(default_factory=time.monotonic)
     reported: float = -1.0
     started: float = field(default_factory=time.monotonic)
+    refused: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """chunk index -> (times refused, clock time before which it is not asked for again)"""
 
 
 @dataclass
@@ -479,6 +481,8 @@ class SyncAgent:
             "issued_at": doc.issued_at,
             "attempts": (int(str(last.get("attempts", 0))) if same else 0) + 1,
         }
+        if "command_sequence" in last:  # a new document must not reopen the door to old commands
+            record["command_sequence"] = last["command_sequence"]
         self._save(transition(self.state, self.state.phase, self.state.reason, last_document=record))
 
     # -- commands ---------------------------------------------------------------------------------
@@ -579,7 +583,10 @@ class SyncAgent:
         room = self.opts.chunk_window - len(dl.subscribed)
         if room <= 0:
             return
-        want = [i for i in dl.asm.missing() if i not in dl.subscribed][:room]
+        now = self._clock()
+        want = [
+            i for i in dl.asm.missing() if i not in dl.subscribed and dl.refused.get(i, (0, now))[1] <= now
+        ][:room]
         if want and self.link.subscribe([self.topics.bundle_chunk(dl.doc.bundle.sha256, i) for i in want]):
             dl.subscribed.update(want)
 
@@ -593,8 +600,19 @@ class SyncAgent:
         try:
             dl.asm.add(index, payload)
         except TransferError as exc:
-            log.warning("bundle chunk %d refused: %s (it will be fetched again)", index, exc)
+            # A bad chunk that stays retained on the broker would come straight back on the
+            # re-subscription: back off (0.5 s doubling up to the stall timeout) instead of
+            # re-fetching it in a tight loop, and tell the fleet once per chunk and reason.
+            times = dl.refused.get(index, (0, 0.0))[0] + 1
+            delay = min(self.opts.stall_timeout_s, 0.5 * 2.0 ** min(times - 1, 16))
+            dl.refused[index] = (times, self._clock() + delay)
+            log.warning("bundle chunk %d refused: %s (fetching it again in %.1f s)", index, exc, delay)
+            self._say_once(
+                f"chunk:{sha}:{index}", "downloading", f"bundle chunk {index} refused: {exc}",
+                version=dl.doc.bundle.version,
+            )  # fmt: skip
             return
+        dl.refused.pop(index, None)
         dl.last_progress = self._clock()
         progress = dl.asm.progress
         if progress - dl.reported >= 0.1 or dl.asm.complete:
@@ -714,8 +732,9 @@ class SyncAgent:
         same = p.beside.histograms() if p.beside is not None else None
         if same is not None and same[0].sum() < min(20, max(ro.probation_min_frames, 1)):
             same = None
-        if same is None and errors == 0 and elapsed < 10 * max(ro.probation_s, 1.0):
-            return  # wait for enough frames seen by both models
+        classifier = p.model.bundle.manifest.task == "classification"
+        if same is None and classifier and errors == 0 and elapsed < 10 * max(ro.probation_s, 1.0):
+            return  # wait for enough frames seen by both models (class distributions compared)
         reason, figures = probation_verdict(
             ro, cand, p.baseline, errors=errors, same_frames=None if same is None else (same[0], same[1]),
             candidate_reference=reference_histogram(p.model), baseline_reference=reference_histogram(p.old),
@@ -741,6 +760,7 @@ class SyncAgent:
         self.watch.forget(p.old)
         p.old.close()
         self._update_event("committed", "probation passed", version=p.info.version, figures=figures)
+        self._reconcile_set_aside(p.doc)
 
     def _end_probation(self, reason: str, figures: dict[str, Any] | None = None) -> None:
         p = self._probation
@@ -754,6 +774,16 @@ class SyncAgent:
         self._update_event(
             "rolled_back", reason, version=p.info.version, serving=p.old.version, figures=figures or {}
         )
+        self._reconcile_set_aside(p.doc)
+
+    def _reconcile_set_aside(self, finished: DesiredDocument) -> None:
+        """Act on a document that arrived while a probation ran (``_reconcile`` sets it aside while
+        busy): without this, a canary still in probation when the fleet aborts the rollout ignores
+        the re-issued previous document until its next reconnect, and keeps the candidate if its own
+        probation passes."""
+        doc = self._effective()
+        if doc is not None and (doc.target, doc.sequence) != (finished.target, finished.sequence):
+            self._reconcile()
 
     # -- periodic -----------------------------------------------------------------------------------
     def _tick(self) -> None:

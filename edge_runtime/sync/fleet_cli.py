@@ -53,7 +53,10 @@ def _settings(args: argparse.Namespace) -> FleetSettings:
     data: dict[str, Any] = {}
     base = Path.cwd()
     if args.config is not None:
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
 
         try:
             data = dict(tomllib.loads(args.config.read_text(encoding="utf-8")).get("fleet", {}))
@@ -195,7 +198,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        client.watch(args.stream, show, shared=args.shared)
+        client.watch(args.stream or ["telemetry", "events", "update", "state"], show, shared=args.shared)
         end = time.monotonic() + args.seconds if args.seconds else float("inf")
         while time.monotonic() < end and (not args.count or count < args.count):
             time.sleep(0.1)

@@ -19,12 +19,14 @@ from edge_runtime.pipeline import Pipeline, TensorObserver
 from edge_runtime.sync.agent import AgentOptions, SyncAgent
 from edge_runtime.sync.mqtt import LinkSettings
 from edge_runtime.sync.outbox import Outbox
-from edge_runtime.sync.slots import StateStore
+from edge_runtime.sync.slots import StateStore, transition
 from edge_runtime.types import Result
 
 __all__ = ["EventSink", "PipelineHost", "boot_bundle", "build_agent", "event_filter"]
 
 log = logging.getLogger(__name__)
+
+_IN_FLIGHT = frozenset({"downloading", "verifying", "staged", "selftest", "probation"})
 
 
 def state_store(config: Config) -> StateStore:
@@ -40,9 +42,17 @@ def boot_bundle(config: Config) -> tuple[Path, str | None]:
     """The bundle to serve at start, and why it is not the committed one (None when it is)."""
     store = state_store(config)
     state = store.load()
+    # A damaged state file: the state recovered from state.json.prev or the slots is saved (which
+    # repairs the file) and the loss is reported with the boot note. An update in flight is left
+    # to boot_choice; otherwise the phase becomes idle, so the agent does not take the recovered
+    # phase for a rollback made at this boot.
+    recovered = store.recovered
+    if recovered and state.phase not in _IN_FLIGHT and state.reason != recovered:
+        state = transition(state, "idle", recovered)
     path, new_state, reason = store.boot_choice(state, factory=config.model.bundle)
-    if new_state != state:
+    if new_state != state or recovered:
         store.save(new_state)
+    reason = "; ".join(r for r in (recovered, reason) if r) or None
     if reason:
         log.warning("boot: %s", reason)
     return path, reason

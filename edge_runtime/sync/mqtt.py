@@ -34,6 +34,22 @@ def import_paho() -> Any:
     return mqtt
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho wraps and handshakes the socket inside ``connect()`` and, when the handshake fails
+    (a plain listener, a foreign CA, a reset), drops it without closing it: every retry then
+    left an open socket to the garbage collector (a ResourceWarning each time).
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
 @dataclass(frozen=True)
 class LinkSettings:
     """Where and how to connect."""
@@ -120,6 +136,7 @@ class MqttLink:
                 ssl.Purpose.SERVER_AUTH, cafile=str(s.ca_file) if s.ca_file else None
             )
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.sslsocket_class = _ClosingSSLSocket
             if s.cert_file is not None and s.key_file is not None:
                 ctx.load_cert_chain(str(s.cert_file), str(s.key_file))
         except (ssl.SSLError, OSError) as exc:

@@ -92,6 +92,7 @@ _DROP_LOG_INTERVAL_S: Final = 60.0
 _JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 _IN_CHUNK: Final = 500
 _MAX_PRIORITY: Final = 2**31
+_SQLITE_HEADER_BYTES: Final = 100
 # 2020-01-01T00:00:00Z.  A device without a real-time clock boots at the epoch (or at a
 # stale saved time) until NTP steps the clock; TTLs are not applied to records created
 # before the clock is plausible, or the first NTP step would expire every one of them.
@@ -421,6 +422,15 @@ class Outbox:
             )
         if path.exists() and not path.is_file():
             raise OutboxError(f"outbox path {path} exists but is not a regular file; point it at a file path")
+        try:
+            size = path.stat().st_size if path.exists() else None
+        except OSError:
+            size = None
+        if size is not None and size < _SQLITE_HEADER_BYTES:
+            # SQLite opens an empty (or 1-byte) file as a new database: a file cut short by a power
+            # loss would silently become an empty outbox numbering from 1 again. Our database
+            # has its header from the first open (WAL mode is recorded in it).
+            return self._replace_corrupt(f"the file is {size} bytes, shorter than an SQLite header")
         try:
             return self._connect(quarantine=None)
         except _CorruptError as bad:
@@ -1075,7 +1085,7 @@ class Outbox:
             conn.execute("UPDATE incidents SET reported = 1 WHERE reported = 0")
             if enqueue is None:
                 return []
-            return [self._prepare(enqueue, {"type": "outbox_dropped", **report}, priority, None)]
+            return [self._prepare(enqueue, {"kind": "outbox_dropped", **report}, priority, None)]
 
         with self._lock:
             try:

@@ -343,9 +343,16 @@ def follow_rollout(
 
     ``abort_share``: the rollout is aborted (the previous document re-issued with
     ``rollback: true``) as soon as more than this share of the canaries rolled back or rejected
-    the update. Decisions come from the devices' ``update`` events.
+    the update. Decisions come from the devices' ``update`` events. A rollout none of
+    ``devices`` is a canary of is ``held`` at once (nothing was tested, so nothing is promoted).
     """
     canaries = client.canaries(devices, doc)
+    if not canaries:  # nothing would be tested: "all canaries committed" must not promote it
+        log.warning(
+            "no device is in the %g%% canary of %s: nothing was promoted; raise the canary share "
+            "or promote by hand", doc.rollout.canary_percent, doc.bundle.version,
+        )  # fmt: skip
+        return RolloutOutcome("held", [], [], {})
     committed: set[str] = set()
     failed: dict[str, str] = {}
     lock = threading.Lock()

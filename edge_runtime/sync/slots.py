@@ -281,6 +281,8 @@ class StateStore:
         self._state_lock = state_dir / ".state.lock"
         self.trust = trust
         self.require_signature = require_signature
+        self.recovered: str | None = None
+        """Set by :meth:`load` when ``state.json`` was damaged or missing: what was lost, and how."""
         self._check_dir()
         try:
             self.slots_dir.mkdir(parents=True, exist_ok=True)
@@ -365,8 +367,11 @@ class StateStore:
 
         Order: ``state.json``, then ``state.json.prev``, then a state reconstructed from the
         slots that verify. Nothing saved at all gives a fresh idle state (factory bundle).
+        When ``state.json`` could not be used, :attr:`recovered` says what was lost and how the
+        state was recovered (None otherwise), so the caller can report it.
         """
         self._check_dir()
+        self.recovered = None
         damaged: list[str] = []
         for path in (self.state_path, self.prev_path):
             try:
@@ -379,10 +384,14 @@ class StateStore:
                 continue
             if path is self.prev_path:
                 log.warning("using %s because %s is missing or damaged", path, self.state_path.name)
+                lost = "; ".join(damaged) or f"{self.state_path.name} is missing"
+                self.recovered = f"device state lost ({lost}); using {path.name}, the state before the save"
             return state
         if not damaged:
             return DeviceState()
-        return self.reconstruct("; ".join(damaged))
+        state = self.reconstruct("; ".join(damaged))
+        self.recovered = state.reason
+        return state
 
     def save(self, state: DeviceState) -> None:
         """Write ``state`` durably; the state it replaces is kept as ``state.json.prev``."""
