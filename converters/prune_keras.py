@@ -43,7 +43,6 @@ from converters import deps
 from converters.model_stats import keras_stats
 from converters.prune_onnx import (
     IntArray,
-    LayerPrune,
     PruneReport,
     SkippedLayer,
     _filter_l1,
@@ -51,6 +50,7 @@ from converters.prune_onnx import (
     _keep_indices,
     _n_keep,
     _Space,
+    layer_rows,
 )
 from edge_runtime.errors import CalibrationError, ConversionError
 
@@ -381,28 +381,7 @@ def channel_prune_keras(
             ) from exc
 
     before, after = keras_stats(model), keras_stats(new_model)
-    pruned_names = set(new_width)
-    rows: list[LayerPrune] = []
-    for lb in before.layers:
-        la = after.layer(lb.name)
-        if la is None:
-            continue
-        note = "output channels pruned" if lb.name in pruned_names else ""
-        if la.in_channels != lb.in_channels:
-            note = (note + "; " if note else "") + "input channels pruned"
-        rows.append(
-            LayerPrune(
-                lb.name,
-                lb.op_type,
-                lb.out_channels,
-                la.out_channels,
-                lb.params,
-                la.params,
-                lb.macs,
-                la.macs,
-                note=note or "unchanged",
-            )
-        )
+    rows = layer_rows(before, after, new_width)
     report = PruneReport(
         method="channel",
         amount=ratio,

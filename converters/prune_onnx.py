@@ -1669,13 +1669,19 @@ def channel_prune_onnx(
 def _layer_rows(
     before: ModelStats, after: ModelStats, an: _Analysis, keep: Mapping[int, IntArray]
 ) -> list[LayerPrune]:
-    rows: list[LayerPrune] = []
     pruned_names = {an.producers[p].name for p in range(len(an.producers)) if an.find(p) in keep}
+    return layer_rows(before, after, pruned_names)
+
+
+def layer_rows(before: ModelStats, after: ModelStats, pruned_names: Iterable[str]) -> list[LayerPrune]:
+    """Per-layer before/after rows of a pruning report (ONNX and Keras paths alike)."""
+    pruned = set(pruned_names)
+    rows: list[LayerPrune] = []
     for lb in before.layers:
         la = after.layer(lb.name)
         if la is None:
             continue
-        note = "output channels pruned" if lb.name in pruned_names else ""
+        note = "output channels pruned" if lb.name in pruned else ""
         if la.in_channels != lb.in_channels:
             note = (note + "; " if note else "") + "input channels pruned"
         rows.append(
